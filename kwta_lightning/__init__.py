@@ -1,0 +1,1 @@
+"""k-WTA networks with PyTorch Lightning and Hydra."""

@@ -1,0 +1,116 @@
+"""k-Winners-Take-All activations and the name-to-layer registry.
+
+k-WTA keeps, per sample, the k largest values of a layer and zeroes the rest, with
+k = max(1, floor(gamma * N)) computed as ``int(gamma * N)`` like the paper's code.
+A value is kept when it is >= the k-th largest value, so:
+
+* values are ranked signed: a negative value survives when it is among the k largest;
+* ties at the threshold all survive (the paper's code does the same), so a layer can
+  keep more than k units when several values equal the k-th largest.
+
+The kept units pass their value and their gradient; the zeroed ones pass neither. The
+threshold is compared by broadcasting, so the layer allocates one mask the size of its
+input and nothing else that large, and it keeps the input's memory format (channels_last).
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from kwta_lightning.errors import ConfigError
+
+
+def check_gamma(gamma: float) -> float:
+    """Return gamma as a float, or raise a ConfigError naming it when outside (0, 1]."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+        raise ConfigError(f"gamma must lie in (0, 1], got {gamma!r}")
+    return float(gamma)
+
+
+def num_winners(gamma: float, n: int) -> int:
+    """k = max(1, floor(gamma * n)), with the paper's float arithmetic (int(gamma * n))."""
+    return max(1, int(gamma * n))
+
+
+class _KWTA(nn.Module):
+    """Shared part of the k-WTA layers: a sparsity ratio that can change on a live model."""
+
+    def __init__(self, gamma: float = 0.1) -> None:
+        super().__init__()
+        self.gamma = gamma
+
+    @property
+    def gamma(self) -> float:
+        return self._gamma
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        self._gamma = check_gamma(value)
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}"
+
+
+def kwta_layerwise(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """k-WTA per sample over every non-batch dimension (C*H*W for maps, F for vectors)."""
+    # Flatten in memory order: a view for both contiguous and channels_last inputs.
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        flat = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+    else:
+        flat = x.reshape(x.shape[0], -1)
+    k = num_winners(gamma, flat.shape[1])
+    threshold = flat.topk(k, dim=1, sorted=False).values.amin(dim=1)
+    return x * (x >= threshold.view(-1, *([1] * (x.dim() - 1))))
+
+
+def kwta_channelwise(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """k-WTA per sample and channel over H*W; layer-wise on a vector input (N, F)."""
+    if x.dim() < 3:
+        return kwta_layerwise(x, gamma)
+    flat = x.flatten(2)
+    k = num_winners(gamma, flat.shape[2])
+    threshold = flat.topk(k, dim=2, sorted=False).values.amin(dim=2)
+    return x * (x >= threshold.view(*threshold.shape, *([1] * (x.dim() - 2))))
+
+
+class KWTA(_KWTA):
+    """Layer-wise k-WTA: per sample, over every non-batch dimension (C*H*W, or F)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kwta_layerwise(x, self.gamma)
+
+
+class KWTAChannel(_KWTA):
+    """Channel-wise k-WTA: per sample and channel, over H*W (layer-wise on vectors)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kwta_channelwise(x, self.gamma)
+
+
+ACTIVATIONS: dict[str, Callable[[float], nn.Module]] = {
+    "relu": lambda gamma: nn.ReLU(),
+    "kwta": KWTA,
+    "kwta_channel": KWTAChannel,
+}
+
+
+def make_activation(name: str, gamma: float = 0.1) -> nn.Module:
+    """Build the activation registered under ``name`` (gamma is ignored by ReLU)."""
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name](gamma)
+
+
+def kwta_layers(model: nn.Module) -> dict[str, _KWTA]:
+    """Every k-WTA layer of a model, by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _KWTA)}
+
+
+def set_gamma(model: nn.Module, gamma: float) -> int:
+    """Set gamma on every k-WTA layer of a live model; return how many layers changed."""
+    gamma = check_gamma(gamma)
+    layers = kwta_layers(model)
+    for layer in layers.values():
+        layer.gamma = gamma
+    return len(layers)

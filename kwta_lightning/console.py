@@ -1,0 +1,73 @@
+"""What the entry points print: the config tree at start, a summary table at the end."""
+
+import functools
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import rich
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.tree import Tree
+
+from kwta_lightning.errors import KWTAError
+
+FIRST_SECTIONS = ("data", "model", "act", "gamma", "optimizer", "scheduler", "trainer")
+
+
+def print_config_tree(cfg: DictConfig) -> None:
+    """The composed config as a rich tree, one branch per top-level key."""
+    tree = Tree("config", guide_style="dim")
+    keys = [k for k in FIRST_SECTIONS if k in cfg] + [k for k in cfg if k not in FIRST_SECTIONS]
+    for key in keys:
+        value = cfg[key]
+        text = (
+            OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        )
+        tree.add(f"[bold]{key}[/bold]").add(
+            Syntax(text.rstrip(), "yaml", background_color="default")
+        )
+    rich.print(tree)
+
+
+def print_summary(title: str, metrics: Mapping[str, Any]) -> None:
+    """The final metrics as a table, then where the outputs are (paths stay whole)."""
+    table = Table(title=title, show_header=False)
+    paths = {}
+    for key, value in metrics.items():
+        if isinstance(value, str) and "/" in value:
+            paths[key] = value
+        else:
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    rich.print(table)
+    for key, path in paths.items():
+        print(f"{key}: {path}")
+
+
+def _user_error(err: BaseException) -> BaseException | None:
+    """The KWTAError or config error behind ``err`` (Hydra wraps constructor errors), if any."""
+    while err is not None:
+        if isinstance(err, (KWTAError, OmegaConfBaseException)):
+            return err
+        err = err.__cause__
+    return None
+
+
+def exit_on_user_error(main: Callable) -> Callable:
+    """Print bad-input errors as one line on stderr and exit 2; let real bugs raise."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except Exception as err:
+            cause = _user_error(err)
+            if cause is None:
+                raise
+            message = " ".join(str(cause).split())
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

@@ -1,0 +1,46 @@
+"""Test helpers: configs composed as train.py composes them, CLI runs, the real MNIST folder."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST_ROOT = Path(os.environ.get("KWTA_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
+HAS_MNIST = (MNIST_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+needs_mnist = pytest.mark.skipif(
+    not HAS_MNIST, reason=f"real MNIST not found in {MNIST_ROOT} (set KWTA_DATA_DIR)"
+)
+
+
+def compose_train(output_dir: Path, overrides: list[str]) -> DictConfig:
+    """Compose conf/train.yaml with overrides, as the CLI would, writing into output_dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run train.py as a user would (python train.py key=value ...)."""
+    env = os.environ | {"KWTA_DATA_DIR": str(MNIST_ROOT), "WANDB_MODE": "offline"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
