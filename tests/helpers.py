@@ -1,4 +1,4 @@
-"""Test helpers: configs composed as train.py composes them, CLI runs, the real MNIST folder."""
+"""Test helpers: configs composed as the entry points compose them, CLI runs, real MNIST."""
 
 import os
 import subprocess
@@ -19,18 +19,24 @@ needs_mnist = pytest.mark.skipif(
 )
 
 
-def compose_train(output_dir: Path, overrides: list[str]) -> DictConfig:
-    """Compose conf/train.yaml with overrides, as the CLI would, writing into output_dir."""
+def compose_config(name: str, output_dir: Path, overrides: list[str]) -> DictConfig:
+    """Compose conf/<name>.yaml with overrides as its entry point would; output in output_dir."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(name, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)
         cfg.hydra.job.num = 0
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
     return cfg
+
+
+def compose_train(output_dir: Path, overrides: list[str]) -> DictConfig:
+    """Compose conf/train.yaml with overrides, as train.py would, writing into output_dir."""
+    return compose_config("train", output_dir, overrides)
 
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
