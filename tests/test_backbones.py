@@ -150,3 +150,22 @@ def test_relu_keeps_the_backbone_as_torchvision_defines_it():
 def test_unknown_model_names_the_closest_ones():
     with pytest.raises(ModelRefused, match="unknown model 'resnet19'.*resnet18"):
         cifar_network("resnet19")
+
+
+def test_pretrained_weights_come_through_torchvision_weights_api(tmp_path, monkeypatch):
+    # Put a weights file where torchvision's cache would hold it, so nothing is downloaded.
+    import torchvision
+
+    weights = torchvision.models.get_model_weights("squeezenet1_1").DEFAULT
+    reference = torchvision.models.squeezenet1_1().state_dict()
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    torch.save(reference, hub / "checkpoints" / weights.url.rsplit("/", 1)[-1])
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+
+    net = cifar_network("squeezenet1_1", pretrained=True)[1]
+    torch.testing.assert_close(
+        net.features[3].squeeze.weight, reference["features.3.squeeze.weight"]
+    )
+    assert net.classifier[1].out_channels == 10  # the 1000-class head was replaced
+    assert net(torch.rand(1, 3, 32, 32)).shape == (1, 10)
