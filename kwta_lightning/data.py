@@ -62,7 +62,8 @@ class ImageDataModule(L.LightningDataModule):
 
     ``num_classes``, ``in_channels``, ``image_size``, ``mean`` and ``std`` describe the data set;
     the model config reads them from here, and ``mean``/``std`` are what the model normalises with.
-    ``*_subset`` options keep a seeded random part of a split, for quick runs.
+    ``*_subset`` options keep a seeded random part of a split, for quick runs. ``resize`` scales
+    every image to ``image_size`` (after augmentation), e.g. 224 px for ImageNet-pretrained models.
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class ImageDataModule(L.LightningDataModule):
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         augment: bool = True,
+        resize: bool = False,
         download: bool = True,
         val_size: int = 5000,
         train_subset: int | None = None,
@@ -129,7 +131,8 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        to_tensor = transforms.ToTensor()
+        resize = [transforms.Resize(self.image_size)] if self.hparams.resize else []
+        to_tensor = transforms.Compose([*resize, transforms.ToTensor()])
         augment = DATASETS[self.name].augment if self.name in DATASETS else ()
         train_transform = (
             transforms.Compose([*augment, to_tensor]) if self.hparams.augment else to_tensor

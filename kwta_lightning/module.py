@@ -1,9 +1,12 @@
 """The LightningModule: a classifier whose checkpoint alone rebuilds it."""
 
+import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
+import foolbox as fb
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -11,10 +14,51 @@ from hydra.utils import instantiate
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from kwta_lightning.activations import kwta_layers
-from kwta_lightning.backbones import build_network
+from kwta_lightning.activations import check_gamma, kwta_layers, make_activation, set_gamma
+from kwta_lightning.backbones import build_network, swap_relus
+from kwta_lightning.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9}
+
+
+@dataclass(frozen=True)
+class AdvTrain:
+    """PGD adversarial training (Madry et al.); the defaults are the k-WTA paper's for CIFAR.
+
+    The paper's eps per data set: 0.031 CIFAR, 0.047 SVHN, 0.3 MNIST (step 0.007, 10-20 steps).
+    ``target="predicted"`` attacks the model's own prediction instead of the true label (no label
+    leaking, Kurakin et al.); ``mix`` weighs the adversarial loss, ``1 - mix`` the clean loss.
+    """
+
+    enabled: bool = False
+    eps: float = 0.031
+    step_size: float = 0.007
+    steps: int = 10
+    random_start: bool = True
+    target: Literal["label", "predicted"] = "label"
+    mix: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.eps <= 0 or self.step_size <= 0 or self.steps < 1:
+            raise ConfigError(
+                f"adv_train needs eps > 0, step_size > 0, steps >= 1; got eps={self.eps}, "
+                f"step_size={self.step_size}, steps={self.steps}"
+            )
+        if self.target not in ("label", "predicted"):
+            raise ConfigError(
+                f"adv_train.target must be 'label' or 'predicted', got {self.target!r}"
+            )
+        if not 0 <= self.mix <= 1:
+            raise ConfigError(f"adv_train.mix must lie in [0, 1], got {self.mix}")
+
+
+def _adv_train(options: Mapping[str, Any] | None) -> AdvTrain:
+    try:
+        return AdvTrain(**(options or {}))
+    except TypeError as err:  # an unknown key
+        raise ConfigError(f"adv_train: {err}") from None
 
 
 class KWTAClassifier(L.LightningModule):
@@ -24,6 +68,11 @@ class KWTAClassifier(L.LightningModule):
     ``KWTAClassifier.load_from_checkpoint(path)`` rebuilds the same network. ``optimizer`` and
     ``scheduler`` are Hydra configs with ``_partial_: true`` (instantiated in
     ``configure_optimizers``); the default optimizer is the paper's SGD (lr 0.1, momentum 0.9).
+    ``adv_train`` holds the fields of :class:`AdvTrain` (PGD adversarial training when enabled).
+
+    The activation and gamma can change during training (:meth:`swap_to`, :meth:`set_gamma`, used
+    by the callbacks); they update the saved hyper-parameters, so a checkpoint records the network
+    it holds, and loading one into a live module rebuilds the network it describes.
     """
 
     def __init__(
@@ -41,9 +90,11 @@ class KWTAClassifier(L.LightningModule):
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         compile: bool = False,
+        adv_train: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.adv = _adv_train(adv_train)
         self.net = build_network(
             backbone,
             num_classes,
@@ -62,6 +113,7 @@ class KWTAClassifier(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
+        self.train_adv_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -74,9 +126,37 @@ class KWTAClassifier(L.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         self.train_acc(logits, y)
+        if self.adv.enabled:
+            adv_logits = self(self.adversarial_examples(x, y))
+            loss = (1 - self.adv.mix) * loss + self.adv.mix * F.cross_entropy(adv_logits, y)
+            self.train_adv_acc(adv_logits, y)
+            self.log("train/adv_acc", self.train_adv_acc, on_step=False, on_epoch=True)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def adversarial_examples(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """L-inf PGD (foolbox) around ``x`` against the true or the predicted label.
+
+        The attack runs in eval mode, so its forward passes leave BatchNorm statistics alone.
+        """
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            if self.adv.target == "predicted":
+                with torch.no_grad():
+                    y = self(x).argmax(dim=1)
+            attack = fb.attacks.LinfPGD(
+                abs_stepsize=self.adv.step_size,
+                steps=self.adv.steps,
+                random_start=self.adv.random_start,
+            )
+            _, x_adv, _ = attack(
+                fb.PyTorchModel(self.net, bounds=(0, 1)), x, y, epsilons=self.adv.eps
+            )
+        finally:
+            self.net.train(was_training)
+        return x_adv.detach()
 
     def on_train_epoch_start(self) -> None:
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -103,6 +183,57 @@ class KWTAClassifier(L.LightningModule):
         self.test_acc(logits, y)
         self.log("test/loss", F.cross_entropy(logits, y))
         self.log("test/acc", self.test_acc)
+
+    def swap_to(self, activation: str, gamma: float) -> None:
+        """Swap every ReLU of the live network for ``activation`` (in-run ReLU-to-k-WTA switch)."""
+        example = torch.rand(
+            1, self.hparams.in_channels, self.hparams.image_size, self.hparams.image_size
+        ).to(self.device)
+        self.net, report = swap_relus(
+            self.net, lambda: make_activation(activation, gamma), example, self.hparams.backbone
+        )
+        self.hparams.activation, self.hparams.gamma = activation, check_gamma(gamma)
+        log.info(
+            "swapped %d ReLU sites for %s(gamma=%s)", report.sites, activation, self.hparams.gamma
+        )
+
+    def set_gamma(self, gamma: float) -> int:
+        """Set gamma of every k-WTA layer; return how many there are (0: nothing changed)."""
+        changed = set_gamma(self.net, gamma)
+        if changed:
+            self.hparams.gamma = check_gamma(gamma)
+        return changed
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild the network when the checkpoint holds another activation or gamma than this one.
+
+        Loading happens before the state dict is copied in, so the weights land in a network like
+        the one they were trained in (e.g. testing or resuming a run whose activation changed).
+        """
+        saved = checkpoint.get("hyper_parameters", {})
+        changed = {
+            key: saved[key]
+            for key in ("activation", "gamma")
+            if key in saved and saved[key] != self.hparams[key]
+        }
+        if not changed:
+            return
+        self.hparams.update(changed)
+        hp = self.hparams
+        self.net = build_network(
+            hp.backbone,
+            hp.num_classes,
+            hp.in_channels,
+            hp.image_size,
+            hp.mean,
+            hp.std,
+            hp.activation,
+            hp.gamma,
+            hp.small_input,
+            pretrained=False,  # the checkpoint's weights replace them
+        ).to(self.device)
+        if hp.compile:
+            self.net.compile()
 
     @torch.no_grad()
     def active_fractions(self, x: torch.Tensor) -> dict[str, float]:

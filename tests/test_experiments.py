@@ -1,0 +1,110 @@
+"""Every recipe in conf/experiment/ composes as published and runs a fast_dev_run step."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from kwta_lightning.activations import kwta_layers
+from kwta_lightning.callbacks import Milestones, Paper, ReluToKWTA, SparsityAnnealing
+from kwta_lightning.training import train
+from tests.helpers import ROOT, compose_train, needs_mnist
+
+# CIFAR-10 needs a download: fake images of the same shape stand in; no pretrained weights either.
+OFFLINE = ["data=fake", "data.batch_size=4", "data.val_size=8", "trainer=cpu", "debug=fdr"]
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+def test_every_experiment_is_tested():
+    assert EXPERIMENTS == [
+        "mnist_quick",
+        "paper_adv_train",
+        "paper_cifar_resnet18",
+        "paper_incremental",
+        "repro_warmstart_alexnet",
+        "repro_warmstart_resnet18",
+    ]
+
+
+def test_paper_recipe_values(tmp_path):
+    cfg = compose_train(tmp_path, ["experiment=paper_cifar_resnet18"])
+    assert (cfg.model.backbone, cfg.act.name, cfg.gamma, cfg.data.name) == (
+        "resnet18",
+        "kwta",
+        0.1,
+        "cifar10",
+    )
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.1, 0.9, 0)
+    assert list(cfg.scheduler.milestones) == [50] and cfg.trainer.max_epochs == 80
+    assert cfg.data.batch_size == 256 and list(cfg.model.std) == [1, 1, 1]
+    adv = compose_train(tmp_path, ["experiment=paper_adv_train"])
+    assert adv.model.adv_train.enabled and adv.model.adv_train.eps == 0.031
+    assert adv.optimizer.lr == 0.1 and adv.trainer.max_epochs == 80
+
+
+def test_incremental_recipe_follows_the_paper_rule(tmp_path):
+    cfg = compose_train(tmp_path, ["experiment=paper_incremental", "init_from=x.ckpt"])
+    annealing = instantiate(cfg.callbacks.sparsity_annealing)
+    assert isinstance(annealing, SparsityAnnealing) and isinstance(annealing.schedule, Paper)
+    gammas = [round(annealing.schedule(e), 6) for e in range(cfg.trainer.max_epochs)]
+    assert gammas[:5] == [0.2, 0.2, 0.195, 0.195, 0.19] and gammas[-1] == 0.03 == cfg.gamma
+    assert cfg.optimizer.lr == 0.001 and not cfg.scheduler
+    assert annealing.checkpoint_dir == tmp_path / "checkpoints"
+
+
+@pytest.mark.parametrize("name", ["repro_warmstart_resnet18", "repro_warmstart_alexnet"])
+def test_repro_recipe_goes_relu_then_02_then_01(tmp_path, name):
+    cfg = compose_train(tmp_path, [f"experiment={name}"])
+    assert cfg.model.pretrained and cfg.model.activation == "relu" and cfg.data.image_size == 224
+    assert (cfg.data.batch_size, cfg.optimizer.lr, cfg.trainer.gradient_clip_val) == (16, 0.01, 0.5)
+    switch = instantiate(cfg.callbacks.relu_to_kwta)
+    annealing = instantiate(cfg.callbacks.sparsity_annealing)
+    assert isinstance(switch, ReluToKWTA) and isinstance(annealing.schedule, Milestones)
+    assert (switch.activation, switch.gamma) == ("kwta", 0.2)
+    epochs = range(switch.relu_epochs, cfg.trainer.max_epochs)
+    assert sorted({annealing.schedule(e) for e in epochs}, reverse=True) == [0.2, 0.1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("paper_cifar_resnet18", []),
+        ("paper_adv_train", ["adv_train.steps=2"]),
+        ("repro_warmstart_resnet18", ["model.pretrained=false"]),
+        ("repro_warmstart_alexnet", ["model.pretrained=false"]),
+    ],
+)
+def test_experiment_runs_one_step(tmp_path, name, extra):
+    cfg = compose_train(tmp_path, [f"experiment={name}", *OFFLINE, *extra])
+    metrics = train(cfg)
+    assert 0 <= metrics["test_acc"] <= 1 and metrics["model"] == cfg.model.backbone
+
+
+@pytest.mark.slow
+def test_incremental_experiment_runs_one_step_from_a_checkpoint(tmp_path):
+    overrides = ["experiment=paper_incremental", *OFFLINE]
+    start = instantiate(compose_train(tmp_path, [*overrides, "init_from=x", "gamma=0.2"]).model)
+    ckpt = tmp_path / "gamma0.2.ckpt"
+    torch.save({"state_dict": start.state_dict(), "hyper_parameters": dict(start.hparams)}, ckpt)
+    cfg = compose_train(tmp_path / "run", [*overrides, f"init_from={ckpt}"])
+    metrics = train(cfg)
+    assert 0 <= metrics["test_acc"] <= 1
+    assert (Path(tmp_path / "run" / "checkpoints") / "gamma=0.200.ckpt").is_file()
+
+
+@needs_mnist
+def test_mnist_quick_runs_one_step(tmp_path):
+    cfg = compose_train(
+        tmp_path,
+        ["experiment=mnist_quick", "debug=fdr", "data.train_subset=64", "data.num_workers=0"],
+    )
+    metrics = train(cfg)
+    assert metrics["model"] == "cnn" and metrics["act"] == "kwta" and metrics["data"] == "mnist"
+    assert 0 <= metrics["test_acc"] <= 1
+
+
+def test_kwta_layers_exist_after_build(tmp_path):
+    model = instantiate(compose_train(tmp_path, ["experiment=paper_cifar_resnet18"]).model)
+    assert len(kwta_layers(model)) == 9 and {m.gamma for m in kwta_layers(model).values()} == {0.1}
