@@ -8,17 +8,22 @@ A value is kept when it is >= the k-th largest value, so:
 * ties at the threshold all survive (the paper's code does the same), so a layer can
   keep more than k units when several values equal the k-th largest.
 
-The kept units pass their value and their gradient; the zeroed ones pass neither. The
-threshold is compared by broadcasting, so the layer allocates one mask the size of its
-input and nothing else that large, and it keeps the input's memory format (channels_last).
+The kept units pass their value and their gradient; the zeroed ones pass neither. The layers
+keep the input's memory format (channels_last).
+
+``kwta`` and ``kwta_channel`` run the fastest exact implementation for the input's device
+(``kwta_lightning.kwta_select``); ``kwta_topk`` and ``kwta_channel_topk`` run the reference
+(topk threshold, broadcast compare, multiply, plain autograd) with the same values and gradients.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from kwta_lightning.errors import ConfigError
+from kwta_lightning.kwta_select import kwta_per_channel, kwta_rows, memory_order_rows
 
 
 def check_gamma(gamma: float) -> float:
@@ -52,26 +57,43 @@ class _KWTA(nn.Module):
         return f"gamma={self.gamma}"
 
 
-def kwta_layerwise(x: torch.Tensor, gamma: float) -> torch.Tensor:
-    """k-WTA per sample over every non-batch dimension (C*H*W for maps, F for vectors)."""
-    # Flatten in memory order: a view for both contiguous and channels_last inputs.
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        flat = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
-    else:
-        flat = x.reshape(x.shape[0], -1)
+def kwta_layerwise_topk(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Reference layer-wise k-WTA: topk threshold, broadcast compare, multiply (plain autograd)."""
+    flat = memory_order_rows(x)
     k = num_winners(gamma, flat.shape[1])
     threshold = flat.topk(k, dim=1, sorted=False).values.amin(dim=1)
     return x * (x >= threshold.view(-1, *([1] * (x.dim() - 1))))
+
+
+def kwta_channelwise_topk(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Reference channel-wise k-WTA (layer-wise on a vector input), as kwta_layerwise_topk."""
+    if x.dim() < 3:
+        return kwta_layerwise_topk(x, gamma)
+    flat = x.flatten(2)
+    k = num_winners(gamma, flat.shape[2])
+    threshold = flat.topk(k, dim=2, sorted=False).values.amin(dim=2)
+    return x * (x >= threshold.view(*threshold.shape, *([1] * (x.dim() - 2))))
+
+
+def kwta_layerwise(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """k-WTA per sample over every non-batch dimension (C*H*W for maps, F for vectors).
+
+    Same values and gradients as ``kwta_layerwise_topk``, with the fastest exact implementation
+    for x's device (``kwta_select``). Under torch.compile the reference formulation is traced
+    instead: the compiler fuses its compare and multiply into one kernel.
+    """
+    if torch.compiler.is_compiling():
+        return kwta_layerwise_topk(x, gamma)
+    return kwta_rows(x, num_winners(gamma, math.prod(x.shape[1:])))
 
 
 def kwta_channelwise(x: torch.Tensor, gamma: float) -> torch.Tensor:
     """k-WTA per sample and channel over H*W; layer-wise on a vector input (N, F)."""
     if x.dim() < 3:
         return kwta_layerwise(x, gamma)
-    flat = x.flatten(2)
-    k = num_winners(gamma, flat.shape[2])
-    threshold = flat.topk(k, dim=2, sorted=False).values.amin(dim=2)
-    return x * (x >= threshold.view(*threshold.shape, *([1] * (x.dim() - 2))))
+    if torch.compiler.is_compiling():
+        return kwta_channelwise_topk(x, gamma)
+    return kwta_per_channel(x, num_winners(gamma, math.prod(x.shape[2:])))
 
 
 class KWTA(_KWTA):
@@ -88,10 +110,26 @@ class KWTAChannel(_KWTA):
         return kwta_channelwise(x, self.gamma)
 
 
+class KWTATopK(_KWTA):
+    """Layer-wise k-WTA with the reference implementation (for benchmarks and comparisons)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kwta_layerwise_topk(x, self.gamma)
+
+
+class KWTAChannelTopK(_KWTA):
+    """Channel-wise k-WTA with the reference implementation (for benchmarks and comparisons)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kwta_channelwise_topk(x, self.gamma)
+
+
 ACTIVATIONS: dict[str, Callable[[float], nn.Module]] = {
     "relu": lambda gamma: nn.ReLU(),
     "kwta": KWTA,
     "kwta_channel": KWTAChannel,
+    "kwta_topk": KWTATopK,
+    "kwta_channel_topk": KWTAChannelTopK,
 }
 
 

@@ -1,0 +1,177 @@
+"""The fast k-WTA (kwta_select) equals the reference exactly and keeps little for backward."""
+
+import json
+
+import pytest
+import torch
+
+from kwta_lightning.activations import (
+    KWTA,
+    KWTAChannel,
+    kwta_channelwise,
+    kwta_channelwise_topk,
+    kwta_layerwise,
+    kwta_layerwise_topk,
+    make_activation,
+    set_gamma,
+)
+from kwta_lightning.kwta_select import MIN_UNITS_PER_ROW_LOOP, MaskedKWTA, RowThresholdKWTA
+from tests.helpers import run_cli
+
+# Per-sample sizes on both sides of the CPU dispatch: masked path below, per-row path above.
+SMALL = (3, 4, 5, 6)  # 120 units per sample
+LARGE = (3, 16, 18, 18)  # 5184 units per sample
+assert SMALL[1] * SMALL[2] * SMALL[3] < MIN_UNITS_PER_ROW_LOOP <= LARGE[1] * LARGE[2] * LARGE[3]
+
+
+def tied(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0, shift: float = 0.0):
+    """Small integers (exact in every float dtype): many ties at every threshold."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(-4, 5, shape, generator=gen).to(dtype) + shift).requires_grad_()
+
+
+def sort_reference(x: torch.Tensor, gamma: float, per_channel: bool) -> torch.Tensor:
+    groups = x.flatten(2) if per_channel else x.flatten(1)
+    k = max(1, int(gamma * groups.shape[-1]))
+    kth = groups.sort(dim=-1, descending=True).values[..., k - 1 : k]
+    return torch.where(groups >= kth, groups, 0).view_as(x)
+
+
+def values_and_grad(fn, x: torch.Tensor, gamma: float, grad_out: torch.Tensor):
+    x = x.detach().clone().requires_grad_()
+    out = fn(x, gamma)
+    out.backward(grad_out)
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [SMALL, LARGE])
+@pytest.mark.parametrize("gamma", [1e-6, 0.1, 0.5, 1.0])  # k = 1, ..., k = N
+@pytest.mark.parametrize("shift", [0.0, 5.0])  # thresholds <= 0 (mask saved) and > 0 (output)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_equals_reference_values_and_gradients(
+    dtype, channels_last, shape, gamma, shift, per_channel
+):
+    x = tied(shape, dtype, shift=shift)
+    if channels_last:
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    fast, reference = (
+        (kwta_channelwise, kwta_channelwise_topk)
+        if per_channel
+        else (kwta_layerwise, kwta_layerwise_topk)
+    )
+    out, grad = values_and_grad(fast, x, gamma, grad_out)
+    ref_out, ref_grad = values_and_grad(reference, x, gamma, grad_out)
+    assert out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(out, sort_reference(x.detach(), gamma, per_channel), rtol=0, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+
+
+def test_kept_zeros_pass_their_gradient():
+    # Threshold 0 with many zeros tied at it: the zeros are kept and must pass their gradient,
+    # which the output alone cannot tell (hence the bool mask for thresholds <= 0).
+    x = torch.zeros(2, MIN_UNITS_PER_ROW_LOOP)
+    x[:, :10] = 1.0
+    x[:, 10:20] = -1.0
+    x.requires_grad_()
+    out = kwta_layerwise(x, 0.5)
+    assert type(out.grad_fn).__name__ == "RowThresholdKWTABackward"
+    out.backward(torch.ones_like(out))
+    assert (x.grad[:, :10] == 1).all() and (x.grad[:, 10:20] == 0).all()
+    assert (x.grad[:, 20:] == 1).all()
+
+
+def test_cpu_dispatch_by_units_per_sample():
+    small = kwta_layerwise(tied(SMALL, torch.float32), 0.1)
+    large = kwta_layerwise(tied(LARGE, torch.float32), 0.1)
+    assert type(small.grad_fn).__name__ == "MaskedKWTABackward"
+    assert type(large.grad_fn).__name__ == "RowThresholdKWTABackward"
+    assert type(kwta_channelwise(tied(LARGE, torch.float32), 0.1).grad_fn).__name__ == (
+        "MaskedKWTABackward"
+    )
+
+
+def test_positive_thresholds_save_only_the_output_like_relu():
+    x = tied(LARGE, torch.float32, shift=5.0)
+    out = RowThresholdKWTA.apply(x, 100)
+    saved_out, thresholds = out.grad_fn.saved_tensors
+    assert saved_out.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+    assert thresholds.shape == (LARGE[0],)
+
+
+def test_other_cases_save_only_a_bool_mask():
+    for out in (
+        RowThresholdKWTA.apply(tied(LARGE, torch.float32), 3000),  # thresholds <= 0
+        MaskedKWTA.apply(tied(LARGE, torch.float32), 100, False),
+        MaskedKWTA.apply(tied(LARGE, torch.float32), 10, True),
+    ):
+        (mask,) = out.grad_fn.saved_tensors
+        assert mask.dtype == torch.bool and mask.shape == LARGE
+
+
+def test_inference_mode_and_no_grad():
+    x = tied(LARGE, torch.float32).detach()
+    expected = kwta_layerwise_topk(x, 0.2)
+    with torch.inference_mode():
+        torch.testing.assert_close(KWTA(0.2)(x), expected, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(KWTA(0.2)(x), expected, rtol=0, atol=0)
+
+
+def test_autocast_bf16_matches_reference():
+    conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+    x = torch.randn(2, 3, 18, 18)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = conv(x)
+        out = KWTA(0.1)(hidden)
+        out_channel = KWTAChannel(0.1)(hidden)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, kwta_layerwise_topk(hidden, 0.1), rtol=0, atol=0)
+    torch.testing.assert_close(out_channel, kwta_channelwise_topk(hidden, 0.1), rtol=0, atol=0)
+
+
+def test_reference_layers_are_registered():
+    layer = make_activation("kwta_topk", 0.3)
+    channel = make_activation("kwta_channel_topk", 0.3)
+    assert set_gamma(torch.nn.Sequential(layer, channel), 0.2) == 2
+    x = tied(SMALL, torch.float32).detach()
+    torch.testing.assert_close(layer(x), KWTA(0.2)(x), rtol=0, atol=0)
+    torch.testing.assert_close(channel(x), KWTAChannel(0.2)(x), rtol=0, atol=0)
+
+
+def test_compiled_layer_has_the_same_gradients():
+    layer = KWTA(0.1)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = tied(LARGE, torch.float32, shift=1.0)
+    grad_out = torch.randn(LARGE, generator=torch.Generator().manual_seed(2))
+    out, grad = values_and_grad(lambda t, g: compiled(t), x, 0.1, grad_out)
+    ref_out, ref_grad = values_and_grad(kwta_layerwise_topk, x, 0.1, grad_out)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [["trainer.precision=bf16-mixed"], ["model.compile=true"]],
+    ids=["bf16-mixed", "compile"],
+)
+def test_train_cli_runs_kwta_with_bf16_mixed_and_compile(tmp_path, overrides):
+    result = run_cli(
+        "data=fake",
+        "model=cnn",
+        "act=kwta",
+        "gamma=0.2",
+        "debug=fdr",
+        "logger=csv",
+        *overrides,
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["act"] == "kwta"
+    assert 0.0 <= metrics["test_acc"] <= 1.0
