@@ -15,13 +15,11 @@ from kwta_lightning.activations import (
     make_activation,
     set_gamma,
 )
-from kwta_lightning.kwta_select import MIN_UNITS_PER_ROW_LOOP, MaskedKWTA, RowThresholdKWTA
+from kwta_lightning.kwta_select import KWTAFunction
 from tests.helpers import run_cli
 
-# Per-sample sizes on both sides of the CPU dispatch: masked path below, per-row path above.
-SMALL = (3, 4, 5, 6)  # 120 units per sample
-LARGE = (3, 16, 18, 18)  # 5184 units per sample
-assert SMALL[1] * SMALL[2] * SMALL[3] < MIN_UNITS_PER_ROW_LOOP <= LARGE[1] * LARGE[2] * LARGE[3]
+SMALL = (3, 4, 5, 6)
+LARGE = (3, 16, 9, 9)
 
 
 def tied(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0, shift: float = 0.0):
@@ -74,43 +72,43 @@ def test_equals_reference_values_and_gradients(
 def test_kept_zeros_pass_their_gradient():
     # Threshold 0 with many zeros tied at it: the zeros are kept and must pass their gradient,
     # which the output alone cannot tell (hence the bool mask for thresholds <= 0).
-    x = torch.zeros(2, MIN_UNITS_PER_ROW_LOOP)
+    x = torch.zeros(2, 100)
     x[:, :10] = 1.0
     x[:, 10:20] = -1.0
     x.requires_grad_()
     out = kwta_layerwise(x, 0.5)
-    assert type(out.grad_fn).__name__ == "RowThresholdKWTABackward"
     out.backward(torch.ones_like(out))
     assert (x.grad[:, :10] == 1).all() and (x.grad[:, 10:20] == 0).all()
     assert (x.grad[:, 20:] == 1).all()
 
 
-def test_cpu_dispatch_by_units_per_sample():
-    small = kwta_layerwise(tied(SMALL, torch.float32), 0.1)
-    large = kwta_layerwise(tied(LARGE, torch.float32), 0.1)
-    assert type(small.grad_fn).__name__ == "MaskedKWTABackward"
-    assert type(large.grad_fn).__name__ == "RowThresholdKWTABackward"
-    assert type(kwta_channelwise(tied(LARGE, torch.float32), 0.1).grad_fn).__name__ == (
-        "MaskedKWTABackward"
-    )
-
-
-def test_positive_thresholds_save_only_the_output_like_relu():
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_positive_thresholds_save_only_the_output_like_relu(per_channel):
     x = tied(LARGE, torch.float32, shift=5.0)
-    out = RowThresholdKWTA.apply(x, 100)
-    saved_out, thresholds = out.grad_fn.saved_tensors
-    assert saved_out.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
-    assert thresholds.shape == (LARGE[0],)
+    out = (kwta_channelwise if per_channel else kwta_layerwise)(x, 0.1)
+    (saved,) = out.grad_fn.saved_tensors
+    assert type(out.grad_fn).__name__ == "KWTAFunctionBackward"
+    assert saved.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
 
 
-def test_other_cases_save_only_a_bool_mask():
-    for out in (
-        RowThresholdKWTA.apply(tied(LARGE, torch.float32), 3000),  # thresholds <= 0
-        MaskedKWTA.apply(tied(LARGE, torch.float32), 100, False),
-        MaskedKWTA.apply(tied(LARGE, torch.float32), 10, True),
-    ):
-        (mask,) = out.grad_fn.saved_tensors
-        assert mask.dtype == torch.bool and mask.shape == LARGE
+@pytest.mark.parametrize(
+    ("shift", "check_positive"),
+    [(0.0, True), (5.0, False)],
+    ids=["threshold<=0", "no-check (the CUDA path)"],
+)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_other_cases_save_only_a_bool_mask(shift, check_positive, per_channel):
+    x = tied(LARGE, torch.float32, shift=shift)
+    out = KWTAFunction.apply(x, 60 if per_channel else 900, per_channel, check_positive)
+    (mask,) = out.grad_fn.saved_tensors
+    assert mask.dtype == torch.bool and mask.shape == LARGE
+    grad_out = torch.randn(LARGE, generator=torch.Generator().manual_seed(1))
+    reference = kwta_channelwise_topk if per_channel else kwta_layerwise_topk
+    gamma = 60 / 81 if per_channel else 900 / (16 * 81)
+    torch.testing.assert_close(out, reference(x, gamma), rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    (ref_grad,) = torch.autograd.grad(reference(x, gamma), x, grad_out)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
 
 
 def test_inference_mode_and_no_grad():
