@@ -1,21 +1,25 @@
 """Train a classifier with k-WTA or ReLU.
 
 uv run python train.py model=resnet18 act=kwta gamma=0.1
+uv run python train.py -m model=cnn,resnet18 gamma=0.05,0.1,0.2     # a sweep
 """
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from kwta_lightning.console import exit_on_user_error
-from kwta_lightning.training import train
+from kwta_lightning.training import ddp_child_argv, run_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float | None:
-    """Return the best validation accuracy, the objective hyper-parameter sweepers read."""
-    return train(cfg)["val_acc_best"]
+    """Return ``cfg.objective`` (default val_acc_best), the value hyper-parameter sweepers read."""
+    return run_job(cfg)
 
 
 if __name__ == "__main__":
+    sys.argv = ddp_child_argv(sys.argv)
     main()

@@ -55,6 +55,14 @@ def _user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+def error_line(err: BaseException) -> str:
+    """One line for an error: the user error's message when there is one, else type and text."""
+    cause = _user_error(err)
+    if cause is None:
+        return " ".join(f"{type(err).__name__}: {err}".split())
+    return " ".join(str(cause).split())
+
+
 def exit_on_user_error(main: Callable) -> Callable:
     """Print bad-input errors as one line on stderr and exit 2; let real bugs raise."""
 
@@ -63,11 +71,9 @@ def exit_on_user_error(main: Callable) -> Callable:
         try:
             return main(*args, **kwargs)
         except Exception as err:
-            cause = _user_error(err)
-            if cause is None:
+            if _user_error(err) is None:
                 raise
-            message = " ".join(str(cause).split())
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {error_line(err)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

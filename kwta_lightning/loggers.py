@@ -4,8 +4,14 @@ import netrc
 import os
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import WandbLogger
+
+from kwta_lightning.training import in_sweep
+
+MAX_TAG_LENGTH = 64  # W&B refuses longer tags
 
 
 def _has_wandb_key() -> bool:
@@ -34,6 +40,18 @@ def wandb_mode(mode: str = "auto") -> str:
     return "online" if _has_wandb_key() and _can_reach_wandb() else "offline"
 
 
+def sweep_group_and_tags() -> tuple[str | None, list[str]]:
+    """In a Hydra sweep job: the sweep folder's name and the job's overrides (``gamma=0.05``, ...).
+
+    Outside a sweep: (None, []).
+    """
+    if not in_sweep():
+        return None, []
+    hydra = HydraConfig.get()
+    overrides = [o for o in hydra.overrides.task if len(o) <= MAX_TAG_LENGTH]
+    return Path(hydra.sweep.dir).name, overrides
+
+
 def wandb_logger(
     save_dir: str,
     project: str,
@@ -42,12 +60,18 @@ def wandb_logger(
     tags: Sequence[str] = (),
     mode: str = "auto",
 ) -> WandbLogger:
-    """A WandbLogger that runs offline when W&B cannot be reached (sync later with wandb sync)."""
+    """A WandbLogger that runs offline when W&B cannot be reached (sync later with wandb sync).
+
+    Each job of a sweep is its own W&B run (training.py finishes it at the end of the job); the
+    jobs of one sweep share a group named after the sweep folder (unless ``group`` is given) and
+    are tagged with their overrides.
+    """
+    sweep, job_tags = sweep_group_and_tags()
     return WandbLogger(
         save_dir=save_dir,
         project=project,
         name=name,
-        group=group,
-        tags=[str(t) for t in tags],
+        group=group or sweep,
+        tags=[str(t) for t in tags] + job_tags,
         mode=wandb_mode(mode),
     )
