@@ -186,12 +186,6 @@ def reestimate_batchnorm(pl_module: L.LightningModule, loader: DataLoader, batch
     return seen
 
 
-def _log(trainer: L.Trainer, metrics: dict[str, float]) -> None:
-    """Write metrics to every logger at the current step (hooks where self.log cannot)."""
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
-
-
 # --- callbacks -----------------------------------------------------------------------------------
 
 
@@ -313,7 +307,7 @@ class ReluToKWTA(Callback):
             reestimate_batchnorm(pl_module, data.train_dataloader(), self.bn_batches)
         after = accuracy(pl_module, data.val_dataloader())
         forget_best(trainer, pl_module)
-        _log(trainer, {"switch/val_acc_before": before, "switch/val_acc_after": after})
+        pl_module.log_dict({"switch/val_acc_before": before, "switch/val_acc_after": after})
         log.info(
             "epoch %d: swapped ReLU for %s(gamma=%s); val accuracy %.4f before, %.4f after",
             trainer.current_epoch,
@@ -325,7 +319,7 @@ class ReluToKWTA(Callback):
 
 
 class TestEveryEpoch(Callback):
-    """Test accuracy before training (epoch 0) and after each epoch, logged and saved to ``path``.
+    """Test accuracy before training (epoch 0) and after each epoch, saved to ``path`` (JSON).
 
     For learning curves; the run's final test of ``best.ckpt`` is unaffected.
     """
@@ -337,7 +331,6 @@ class TestEveryEpoch(Callback):
     def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule, epochs: int) -> None:
         acc = accuracy(pl_module, trainer.datamodule.test_dataloader())
         self.results.append({"epochs_trained": epochs, "test_acc": acc})
-        _log(trainer, {"test/acc_per_epoch": acc})
         log.info("test accuracy after %d epochs: %.4f", epochs, acc)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.results, indent=2) + "\n")
@@ -347,3 +340,4 @@ class TestEveryEpoch(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._measure(trainer, pl_module, trainer.current_epoch + 1)
+        pl_module.log("test/acc_per_epoch", self.results[-1]["test_acc"])

@@ -195,7 +195,6 @@ def test_relu_to_kwta_switch_leaves_no_relu_and_trains_on(tmp_path):
         model = KWTAClassifier.load_from_checkpoint(run / "checkpoints" / name)
         assert not any(isinstance(m, nn.ReLU) for m in model.modules())
         assert len(kwta_layers(model)) == 3 and model.hparams.activation == "kwta"
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 15
 
 
 def test_relu_to_kwta_refuses_a_model_that_is_not_relu():
