@@ -1,0 +1,126 @@
+"""Attacks from maintained libraries: foolbox 3 and the reference AutoAttack (pyautoattack).
+
+Nothing here re-implements an attack; the wrappers only adapt calling conventions. Published
+settings live in ``conf/attack/*.yaml``, next to their sources.
+"""
+
+import logging
+from collections.abc import Sequence
+
+import foolbox as fb
+import torch
+from pyautoattack import AutoAttack as ReferenceAutoAttack
+from pyautoattack.square import SquareAttack
+from torch import nn
+
+from kwta_lightning.attacks.base import Attack, AttackOutput
+from kwta_lightning.errors import ConfigError
+
+AUTOATTACK_VERSIONS = ("standard", "rand")
+_LIBRARY_NORM = {"linf": "Linf", "l2": "L2"}
+
+
+class FoolboxAttack(Attack):
+    """A foolbox 3 attack; minimisation attacks (DeepFool, C&W, HSJ) run once for all epsilons."""
+
+    def __init__(
+        self, attack: fb.Attack, norm: str = "linf", kind: str = "gradient", name: str = ""
+    ):
+        super().__init__(norm, kind, name)
+        self.fb_attack = attack
+
+    def run(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: Sequence[float]
+    ) -> list[AttackOutput]:
+        fmodel = fb.PyTorchModel(model, bounds=(0, 1), device=x.device)
+        _, clipped, _ = self.fb_attack(fmodel, x, y, epsilons=list(epsilons))
+        return [AttackOutput(c.detach()) for c in clipped]
+
+    def attack(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
+    ) -> AttackOutput:
+        return self.run(model, x, y, [eps])[0]
+
+
+class Square(Attack):
+    """Square Attack (Andriushchenko et al. 2020), the reference implementation from AutoAttack."""
+
+    def __init__(
+        self,
+        n_queries: int = 5000,
+        p_init: float = 0.8,
+        n_restarts: int = 1,
+        seed: int = 0,
+        norm: str = "linf",
+        kind: str = "black_box",
+        name: str = "",
+    ) -> None:
+        super().__init__(norm, kind, name)
+        self.n_queries, self.p_init, self.n_restarts, self.seed = (
+            n_queries,
+            p_init,
+            n_restarts,
+            seed,
+        )
+
+    def attack(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
+    ) -> AttackOutput:
+        if eps == 0:
+            return AttackOutput(x.clone())
+        square = SquareAttack(
+            model,
+            norm=_LIBRARY_NORM[self.norm],
+            n_queries=self.n_queries,
+            eps=eps,
+            p_init=self.p_init,
+            n_restarts=self.n_restarts,
+            seed=self.seed,
+            loss="margin",
+            resc_schedule=True,
+            device=x.device,
+        )
+        with torch.no_grad():
+            return AttackOutput(square.perturb(x, y).detach())
+
+
+class AutoAttack(Attack):
+    """The reference AutoAttack (Croce and Hein 2020) through pyautoattack, unmodified.
+
+    ``standard``: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5000 queries), 100
+    iterations each; ``rand``: APGD-CE and APGD-DLR with 20 EOT samples, for randomised models.
+    Only these versions are offered, so what is labelled AutoAttack is AutoAttack.
+    """
+
+    def __init__(
+        self,
+        version: str = "standard",
+        seed: int = 0,
+        norm: str = "linf",
+        kind: str = "ensemble",
+        name: str = "",
+    ) -> None:
+        super().__init__(norm, kind, name)
+        if version not in AUTOATTACK_VERSIONS:
+            raise ConfigError(
+                f"attack {name}: version must be one of {', '.join(AUTOATTACK_VERSIONS)} "
+                f"(a reduced AutoAttack is not AutoAttack), got {version!r}"
+            )
+        self.version, self.seed = version, seed
+
+    def attack(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
+    ) -> AttackOutput:
+        if eps == 0:
+            return AttackOutput(x.clone())
+        auto = ReferenceAutoAttack(
+            model,
+            norm=_LIBRARY_NORM[self.norm],
+            eps=eps,
+            version=self.version,
+            seed=self.seed,
+            device=x.device,
+        )
+        auto.logger.setLevel(logging.WARNING)
+        x_adv, _ = auto.run_standard_evaluation(x, y, batch_size=len(x))
+        return AttackOutput(x_adv.detach())

@@ -1,0 +1,123 @@
+"""One evaluation from a composed ``conf/attack.yaml``: load, attack, check, report."""
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from kwta_lightning import report
+from kwta_lightning.attacks.base import Attack
+from kwta_lightning.attacks.checkpoint import (
+    build_data,
+    build_model,
+    choose_samples,
+    load_checkpoint,
+)
+from kwta_lightning.attacks.diagnostics import run_diagnostics
+from kwta_lightning.attacks.evaluate import evaluate, result_rows, worst_case
+from kwta_lightning.console import print_config_tree
+from kwta_lightning.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def radii(value: Any, defaults: DictConfig, data_name: str, key: str) -> list[float]:
+    """The configured radii as a sorted list, or the data set's published ones."""
+    if value is None:
+        if data_name not in defaults:
+            raise ConfigError(f"{key} is null and default_{key} has no entry for {data_name}")
+        value = defaults[data_name]
+    values = list(value) if OmegaConf.is_list(value) or isinstance(value, list) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        raise ConfigError(f"{key} must be a number or a list of numbers, got {value!r}")
+    if any(v < 0 for v in values):
+        raise ConfigError(f"{key} must be >= 0, got {values}")
+    return sorted({float(v) for v in values})
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device {name!r} is not a torch device ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} asked for, but CUDA is not available")
+    return device
+
+
+def build_attacks(cfg: DictConfig) -> dict[str, Attack]:
+    if not cfg.get("attack"):
+        raise ConfigError("no attack selected; choose some, e.g. attack=[pgd,eot_pgd]")
+    return {name: instantiate(node, name=name) for name, node in cfg.attack.items()}
+
+
+def attack_params(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """Every attack's hyper-parameters as configured (resolved), for the report."""
+    return {name: OmegaConf.to_container(node, resolve=True) for name, node in cfg.attack.items()}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path``; write and return the report."""
+    started = time.perf_counter()
+    print_config_tree(cfg)
+    L.seed_everything(cfg.seed, workers=False)
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    data_name = ckpt["datamodule_hyper_parameters"]["name"]
+    epsilons = {
+        "linf": radii(cfg.eps, cfg.default_eps, data_name, "eps"),
+        "l2": radii(cfg.l2_eps, cfg.default_l2_eps, data_name, "l2_eps"),
+    }
+    attacks = build_attacks(cfg)
+    device = pick_device(cfg.device)
+    model = build_model(ckpt)
+    data = build_data(ckpt, cfg.paths.data_dir)
+    x, y = choose_samples(data, cfg.n_samples, cfg.seed)
+    log.info(
+        "attacking %s on %d %s test images, eps %s", cfg.ckpt_path, len(x), data_name, epsilons
+    )
+
+    evaluation = evaluate(model, x, y, attacks, epsilons, cfg.batch_size, device, cfg.n_examples)
+    rows = result_rows(evaluation, attack_params(cfg))
+    diagnostics = run_diagnostics(
+        model,
+        x,
+        y,
+        evaluation,
+        rows,
+        attacks,
+        data.num_classes,
+        cfg.batch_size,
+        device,
+        **cfg.diagnostics,
+    )
+    hparams = ckpt["hyper_parameters"]
+    summary = {
+        "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+        "training_run": report.training_run(cfg.ckpt_path),
+        "data": data_name,
+        "model": hparams["backbone"],
+        "activation": hparams["activation"],
+        "gamma": None if hparams["activation"] == "relu" else hparams["gamma"],
+        "n_samples": len(x),
+        "seed": cfg.seed,
+        "device": str(device),
+        "epsilons": epsilons,
+        "clean_acc": evaluation.clean_correct.float().mean().item(),
+        "results": rows,
+        "worst_case": worst_case(evaluation),
+        "diagnostics": [d.as_dict() for d in diagnostics],
+        "wall_time_s": None,
+    }
+    summary["wall_time_s"] = round(time.perf_counter() - started, 1)
+    output_dir = Path(cfg.paths.output_dir)
+    report.write(summary, evaluation, y, output_dir)
+    report.print_console(summary, output_dir)
+    report.log_wandb(summary, output_dir, **cfg.wandb)
+    return summary

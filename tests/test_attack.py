@@ -1,0 +1,201 @@
+"""Attacks, their evaluation and the diagnostics, on small models trained here in a second.
+
+The data: 12x12 grey images of ten classes, class c a 3x3 patch of 0.6 at the c-th of ten places,
+on noise below 0.15. An MLP learns it perfectly; the attacks must then move pixels by about 0.25 to
+erase or forge a patch.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from torch import nn
+
+from kwta_lightning.activations import KWTA, kwta_layerwise
+from kwta_lightning.attacks.adaptive import EOTPGD, BPDALayer, replace_kwta
+from kwta_lightning.attacks.base import margin_loss, perturbation_norms
+from kwta_lightning.attacks.diagnostics import run_diagnostics
+from kwta_lightning.attacks.evaluate import evaluate, result_rows, worst_case
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+# Every attack config, cut to a few steps and queries so the whole set runs in seconds.
+TINY_ATTACKS = [
+    "attack.pgd.attack.steps=10",
+    "attack.pgd.attack.rel_stepsize=0.1",  # 10 steps of eps/10 reach the ball's edge
+    "attack.deepfool.attack.steps=5",
+    "attack.deepfool_l2.attack.steps=5",
+    "attack.vga.steps=5",
+    "attack.cw.attack.binary_search_steps=2",
+    "attack.cw.attack.steps=20",
+    "attack.l2_pgd.attack.steps=10",
+    "attack.l2_pgd.attack.rel_stepsize=0.1",
+    "attack.hsj.attack.steps=2",
+    "attack.hsj.attack.initial_gradient_eval_steps=10",
+    "attack.hsj.attack.max_gradient_eval_steps=20",
+    "attack.eot_pgd.steps=10",
+    "attack.eot_pgd.samples=10",
+    "attack.bpda.attack.steps=10",
+    "attack.bpda.attack.rel_stepsize=0.1",
+    "attack.transfer.attack.steps=10",
+    "attack.transfer.attack.rel_stepsize=0.1",
+    "attack.square.n_queries=20",
+]
+
+
+def patches(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=generator)
+    x = 0.15 * torch.rand(n, 1, 12, 12, generator=generator)
+    for i, c in enumerate(y.tolist()):
+        row, col = divmod(c, 4)
+        x[i, 0, 4 * row : 4 * row + 3, 3 * col : 3 * col + 3] = 0.6
+    return x, y
+
+
+def trained(activation: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(144, 64), activation, nn.Linear(64, 10))
+    x, y = patches(512, seed=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(150):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def relu_net() -> nn.Module:
+    return trained(nn.ReLU())
+
+
+@pytest.fixture(scope="module")
+def kwta_net() -> nn.Module:
+    return trained(KWTA(0.2))
+
+
+def compose_attacks(overrides: list[str], names: str | None = None):
+    """conf/attack.yaml's attacks (``names``: a comma-separated choice), cut to TINY_ATTACKS."""
+    if names is not None:
+        chosen = names.split(",")
+        tiny = [o for o in TINY_ATTACKS if o.split(".")[1] in chosen]
+        overrides = [f"attack=[{names}]", *tiny, *overrides]
+    else:
+        overrides = [*TINY_ATTACKS, *overrides]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("attack", overrides=["ckpt_path=unused", *overrides])
+    return {name: instantiate(node, name=name) for name, node in cfg.attack.items()}
+
+
+def test_the_test_models_learn_the_patches(relu_net, kwta_net):
+    x, y = patches(64)
+    for model in (relu_net, kwta_net):
+        assert (model(x).argmax(1) == y).float().mean() == 1.0
+
+
+def test_every_attack_stays_in_bounds_and_worst_case_is_below_each(relu_net):
+    attacks = compose_attacks([])
+    assert len(attacks) == 13  # the default list: every config in conf/attack/
+    x, y = patches(16)
+    epsilons = {"linf": [0.0, 0.3], "l2": [0.0, 2.0]}
+    for attack in attacks.values():
+        for eps, out in zip(
+            epsilons[attack.norm], attack.run(relu_net, x, y, epsilons[attack.norm]), strict=True
+        ):
+            assert out.x_adv.shape == x.shape, attack.name
+            assert out.x_adv.min() >= 0 and out.x_adv.max() <= 1, attack.name
+            assert perturbation_norms(out.x_adv, x, attack.norm).max() <= eps + 1e-5, attack.name
+
+    evaluation = evaluate(relu_net, x, y, attacks, epsilons, batch_size=8, device=CPU)
+    rows = result_rows(evaluation, {})
+    clean = evaluation.clean_correct.float().mean().item()
+    for row in rows:
+        if row["eps"] == 0:
+            assert row["robust_acc"] == clean, row["attack"]
+    worst = {(w["norm"], w["eps"]): w["robust_acc"] for w in worst_case(evaluation)}
+    for row in rows:
+        assert worst[(row["norm"], row["eps"])] <= row["robust_acc"], row["attack"]
+    # The plain net falls to white-box PGD at eps 0.3, and VGA reports its targeted rate.
+    pgd = next(r for r in rows if r["attack"] == "pgd" and r["eps"] == 0.3)
+    assert pgd["robust_acc"] == 0.0 and pgd["success_rate"] == 1.0
+    vga = next(r for r in rows if r["attack"] == "vga" and r["eps"] == 0.3)
+    assert 0 < vga["targeted_success_rate"] <= 1
+
+
+def test_unknown_norm_and_reduced_autoattack_are_refused():
+    with pytest.raises(Exception, match="norm must be one of linf, l2"):
+        compose_attacks(["attack.pgd.norm=l3"], "pgd")
+    with pytest.raises(Exception, match="a reduced AutoAttack is not AutoAttack"):
+        compose_attacks(["attack.autoattack.version=custom"], "autoattack")
+
+
+@pytest.mark.parametrize("surrogate", ["relu", "soft_kwta"])
+def test_bpda_forward_is_kwta_and_backward_is_the_surrogate(surrogate):
+    torch.manual_seed(0)
+    x = torch.randn(4, 20, requires_grad=True)
+    layer = BPDALayer(KWTA(0.2), surrogate, temperature=0.1)
+    out = layer(x)
+    assert torch.equal(out, kwta_layerwise(x, 0.2))
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    if surrogate == "relu":
+        assert torch.equal(grad, (x > 0).float())
+    else:  # a smooth mask: every unit passes some gradient, winners the most
+        assert (grad != 0).all()
+        winners = kwta_layerwise(x, 0.2) != 0
+        assert grad[winners].mean() > grad[~winners].abs().mean()
+
+
+def test_replace_kwta_swaps_every_kwta_layer_on_a_copy(kwta_net):
+    relu = replace_kwta(kwta_net, lambda _: nn.ReLU())
+    assert isinstance(relu[2], nn.ReLU) and isinstance(kwta_net[2], KWTA)
+
+
+def test_eot_gradient_estimate_points_along_the_true_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    x, y = torch.rand(2, 1, 4, 4) * 0.5 + 0.25, torch.tensor([0, 1])
+    attack = EOTPGD(samples=4000, sigma=0.01, chunk=500)
+    estimate = attack._estimate(model, x, y, torch.Generator().manual_seed(0))
+    x_grad = x.clone().requires_grad_(True)
+    (true,) = torch.autograd.grad(margin_loss(model(x_grad), y).sum(), x_grad)
+    cosine = nn.functional.cosine_similarity(estimate.flatten(1), true.flatten(1))
+    assert (cosine > 0.9).all(), cosine
+
+
+def diagnose(model: nn.Module, attack_names: str) -> dict[str, str]:
+    attacks = compose_attacks([], attack_names)
+    x, y = patches(16)
+    epsilons = {"linf": [0.0, 0.3], "l2": [2.0]}
+    evaluation = evaluate(model, x, y, attacks, epsilons, batch_size=16, device=CPU)
+    rows = result_rows(evaluation, {})
+    found = run_diagnostics(
+        model, x, y, evaluation, rows, attacks, 10, 16, CPU, 0.01, 20, 1e-8, 0.05
+    )
+    return {d.name: d.status for d in found}
+
+
+class HardStep(nn.Module):
+    """Rounds pixels to 0 or 1: the forward pass barely changes, the gradient is zero."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.round()
+
+
+def test_diagnostics_stay_quiet_on_a_plain_relu_net(relu_net):
+    statuses = diagnose(relu_net, "pgd,fgsm,square")
+    assert {"unbounded_eps", "vanishing_gradient", "pgd_vs_fgsm/eps=0.3"} <= statuses.keys()
+    assert {"white_box_vs_black_box/linf/eps=0.3", "pgd_2x_steps/eps=0.3"} <= statuses.keys()
+    assert set(statuses.values()) == {"pass"}, statuses
+
+
+def test_diagnostics_fire_on_a_model_that_masks_its_gradient(relu_net):
+    masked = nn.Sequential(HardStep(), relu_net).eval()
+    statuses = diagnose(masked, "pgd,fgsm,square")
+    assert statuses["unbounded_eps"] == "warn"
+    assert statuses["vanishing_gradient"] == "warn"
