@@ -91,3 +91,18 @@ def test_lightning_overhead_compares_both_loops_on_the_same_epoch(capsys):
         overhead.main(["trainer.precision=16-mixed"])
     assert exit_info.value.code == 2
     assert "trainer.precision must be one of 32-true, bf16-mixed" in capsys.readouterr().err
+
+
+def test_selection_candidates_find_the_exact_kth_largest(capsys):
+    selection = load_script("kwta_selection")
+    gen = torch.Generator().manual_seed(0)
+    tied = torch.randint(-4, 5, (3, 500), generator=gen).float()  # ties, negatives, zeros
+    spread = torch.randn(3, 500, generator=gen) * 1e3
+    for x in (tied, spread):
+        for k in (1, 7, 250, 499, 500):
+            expected = x.sort(dim=1, descending=True).values[:, k - 1]
+            for name, fn in selection.CANDIDATES.items():
+                torch.testing.assert_close(fn(x, k), expected, rtol=0, atol=0, msg=name)
+    results = selection.main(["--sizes", "300", "--gammas", "0.1", "--batch-size", "2"])
+    assert list(results["2x300 gamma=0.1"]) == ["relu", *selection.CANDIDATES]
+    assert "k-th largest per row" in capsys.readouterr().out
