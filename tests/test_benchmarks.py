@@ -38,6 +38,7 @@ def test_step_mode_prints_the_table_and_writes_json(tmp_path, capsys):
         assert summary[label]["peak_train_mib"] > 0
 
 
+@pytest.mark.slow
 def test_epoch_mode_times_a_real_pass_over_data(tmp_path):
     args = ["--epoch", "--data", "fake", "--train-subset", "8", "--test-subset", "8"]
     out = bench.main([*TINY, *args, "--gamma", "0.5", "0.25", "--out", str(tmp_path / "e.json")])
