@@ -4,11 +4,36 @@ uv run python attack.py ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt
 uv run python attack.py ckpt_path=... attack=[pgd,deepfool,vga,eot_pgd,square] eps=[0.01,0.031,0.1]
 """
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from kwta_lightning.attacks.runner import run
 from kwta_lightning.console import exit_on_user_error
+
+ATTACK_CONFIGS = Path(__file__).resolve().parent / "conf" / "attack"
+
+
+def check_attack_names(argv: list[str]) -> None:
+    """Refuse unknown names in ``attack=[...]`` in one line that lists the known ones.
+
+    Hydra's own error for a missing option in a list names the option but not the choices.
+    """
+    known = sorted(p.stem for p in ATTACK_CONFIGS.glob("*.yaml"))
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") != "attack":
+            continue
+        names = [n.strip() for n in value.strip("[]").split(",") if n.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            print(
+                f"error: unknown attack {', '.join(unknown)}; known: {', '.join(known)}",
+                file=sys.stderr,
+            )
+            sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="attack")
@@ -18,4 +43,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_attack_names(sys.argv[1:])
     main()

@@ -11,9 +11,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import rich  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from kwta_lightning.attacks.evaluate import Evaluation  # noqa: E402
@@ -188,12 +188,15 @@ def print_console(summary: Mapping[str, Any], out: Path) -> None:
         table.add_row(*_row_cells(row))
     for w in summary["worst_case"]:
         table.add_row(
-            "worst case", "", w["norm"], _fmt(w["eps"]), _pct(w["robust_acc"]), style="bold"
+            "worst_case", "", w["norm"], _fmt(w["eps"]), _pct(w["robust_acc"]), style="bold"
         )
-    rich.print(table)
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: the whole table, not 80 squeezed columns
+        console = Console(width=160)
+    console.print(table)
     for d in summary["diagnostics"]:
         colour = "green" if d["status"] == "pass" else "yellow"
-        rich.print(f"[{colour}]{d['status']}[/{colour}] {d['name']}: {d['detail']}")
+        console.print(f"[{colour}]{d['status']}[/{colour}] {d['name']}: {d['detail']}")
     print(f"report: {out / 'report.md'}")
 
 

@@ -30,6 +30,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or not a PyTorch file (no zip archive)"
+        )
     try:
         with torch.serialization.safe_globals([AttributeDict]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -6,6 +6,7 @@ classified correctly when clean. The worst case at an eps keeps an input robust 
 survives every attack of that norm at that eps.
 """
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from kwta_lightning.attacks.base import Attack, perturbation_norms, project
+
+log = logging.getLogger(__name__)
 
 BOUND_TOLERANCE = 1e-4  # float noise allowed beyond eps or [0, 1] before an output is a bug
 
@@ -147,7 +150,7 @@ def evaluate(
     evaluation = Evaluation(clean_preds == y, clean_preds, x[:n_examples])
     with progress_bar() as progress:
         for attack in attacks.values():
-            evaluation.results += run_attack(
+            results = run_attack(
                 model,
                 attack,
                 x,
@@ -159,6 +162,11 @@ def evaluate(
                 n_examples,
                 progress,
             )
+            accuracies = ", ".join(f"eps={r.eps:g}: {r.robust.float().mean():.1%}" for r in results)
+            log.info(
+                "%s robust accuracy %s (%.0f s)", attack.name, accuracies, results[0].wall_time_s
+            )
+            evaluation.results += results
     return evaluation
 
 
