@@ -18,9 +18,9 @@ on each other's threads.
 
 The selection is ``torch.topk(sorted=False)``. Measured on CPU against ``kthvalue``, a sample-then-
 count bracket (``masked_select`` of the candidates) and a histogram on the float bit patterns
-(``bincount``), topk was the fastest or tied at every size from 1e3 to 1e6 units per sample and
-gamma 0.01-0.5: its quickselect runs in one C++ loop per row, while the others need several passes
-and large temporaries in eager PyTorch (see the README's Performance section).
+(``bincount``), topk was the fastest or tied from 1e3 to 1e6 units per sample and gamma 0.01-0.5
+(``benchmarks/kwta_selection.py``): its quickselect runs in one C++ loop per row, while the others
+need several passes and large temporaries in eager PyTorch.
 """
 
 import torch
