@@ -180,6 +180,7 @@ def _fit_metrics(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule) 
         checkpoint = ModelCheckpoint()  # no checkpoints: empty paths, no score
     # The checkpoint callback's best score survives a resume; the module's running max does not.
     best = checkpoint.best_model_score
+    latest = [c for c in trainer.checkpoint_callbacks if c.monitor is None]  # last.ckpt's
     if best is None and model.val_acc_best.update_called:
         best = model.val_acc_best.compute()
     return {
@@ -193,7 +194,7 @@ def _fit_metrics(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule) 
         "data": cfg.data.name,
         "seed": cfg.seed,
         "ckpt_best": checkpoint.best_model_path or None,
-        "ckpt_last": checkpoint.last_model_path or None,
+        "ckpt_last": (latest[0].best_model_path or None) if latest else None,
         "wall_time_s": None,
         "output_dir": str(Path(cfg.paths.output_dir).resolve()),
     }

@@ -76,3 +76,14 @@ def test_kwta_layers_log_gamma_and_active_fraction(tmp_path):
     train(cfg)
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"gamma", "lr", "active/mean", "active/1.2", "train/acc", "val/acc"} <= set(header)
+
+
+def test_last_checkpoint_is_written_every_epoch_even_without_a_new_best(tmp_path):
+    # Monitoring the epoch number with mode=min keeps best.ckpt at epoch 0.
+    overrides = [*TINY, "model=cnn", "debug=limit", "trainer.max_epochs=3"]
+    overrides += ["callbacks.model_checkpoint.monitor=epoch", "callbacks.model_checkpoint.mode=min"]
+    metrics = train(compose_train(tmp_path, overrides))
+    ckpts = tmp_path / "checkpoints"
+    assert torch.load(ckpts / "best.ckpt", weights_only=True)["epoch"] == 0
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 2
+    assert metrics["ckpt_last"] == str(ckpts / "last.ckpt")
