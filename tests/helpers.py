@@ -39,11 +39,13 @@ def compose_train(output_dir: Path, overrides: list[str]) -> DictConfig:
     return compose_config("train", output_dir, overrides)
 
 
-def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run train.py as a user would (python train.py key=value ...)."""
+def run_cli(
+    *args: str, script: str = "train.py", cwd: Path = ROOT, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Run an entry point as a user would (python train.py key=value ...)."""
     env = os.environ | {"KWTA_DATA_DIR": str(MNIST_ROOT), "WANDB_MODE": "offline"}
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
+        [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
         env=env,
         capture_output=True,

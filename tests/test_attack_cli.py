@@ -4,7 +4,6 @@ import json
 import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 from kwta_lightning.attacks.checkpoint import CheckpointError, load_checkpoint
 from kwta_lightning.training import train
-from tests.helpers import ROOT, compose_train
+from tests.helpers import compose_train, run_cli
 
 SCHEMA_RESULT = {"attack", "norm", "eps", "robust_acc", "success_rate", "params"}
 
@@ -27,15 +26,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def run_attack_cli(*args: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"WANDB_MODE": "offline"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "attack.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_cli(*args, script="attack.py")
 
 
 class RunsCode:
