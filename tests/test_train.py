@@ -87,3 +87,11 @@ def test_last_checkpoint_is_written_every_epoch_even_without_a_new_best(tmp_path
     assert torch.load(ckpts / "best.ckpt", weights_only=True)["epoch"] == 0
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 2
     assert metrics["ckpt_last"] == str(ckpts / "last.ckpt")
+
+
+@pytest.mark.parametrize(
+    ("data", "eps", "steps"), [("cifar10", 0.031, 10), ("svhn", 0.047, 10), ("mnist", 0.3, 40)]
+)
+def test_adversarial_training_defaults_follow_the_data_set(tmp_path, data, eps, steps):
+    adv = compose_train(tmp_path, [f"data={data}"]).model.adv_train
+    assert (adv.eps, adv.steps) == (eps, steps)
