@@ -34,6 +34,11 @@ PLOT = "gamma_vs_accuracy.png"
 ERROR_FILE = "error.txt"  # a failed sweep job's error line and traceback, in its folder
 
 
+def _is_training_run(config: Path) -> bool:
+    """attack.py, landscape and toy1d runs have .hydra/ folders too; only train.py's are rows."""
+    return OmegaConf.load(config).get("task_name", "train") == "train"
+
+
 def find_inputs(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
     """Run folders and attack reports in or under ``paths`` (each a folder or a report.json)."""
     runs: list[Path] = []
@@ -46,7 +51,8 @@ def find_inputs(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
                 raise KWTAError(f"{path} is neither a run folder, a sweep folder nor a report.json")
             reports.append(path)
             continue
-        runs += sorted(config.parent.parent for config in path.rglob(".hydra/config.yaml"))
+        configs = path.rglob(".hydra/config.yaml")
+        runs += sorted(c.parent.parent for c in configs if _is_training_run(c))
         reports += sorted(path.rglob("report.json"))
     if not runs:
         given = ", ".join(str(p) for p in paths)

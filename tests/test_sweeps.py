@@ -387,3 +387,15 @@ def test_summary_of_bad_input_fails_with_one_line(sweep, spoil, args, message):
     assert result.returncode == 2
     assert message in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
+
+
+def test_attack_run_folders_are_reports_not_rows(tmp_path):
+    from kwta_lightning.summarize import find_inputs
+
+    for name, task in (("train_run", "train"), ("attack_run", "attack")):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "config.yaml").write_text(f"task_name: {task}\n")
+    (tmp_path / "attack_run" / "report.json").write_text("{}")
+    runs, reports = find_inputs([tmp_path])
+    assert runs == [tmp_path / "train_run"]
+    assert reports == [tmp_path / "attack_run" / "report.json"]
