@@ -20,7 +20,6 @@ import hydra
 import matplotlib
 import torch
 import torch.nn.functional as F
-import wandb
 from omegaconf import DictConfig
 from torch import nn
 
@@ -33,7 +32,7 @@ from kwta_lightning.attacks.checkpoint import (
 )
 from kwta_lightning.console import exit_on_user_error, print_summary
 from kwta_lightning.errors import ConfigError
-from kwta_lightning.loggers import wandb_mode
+from kwta_lightning.loggers import log_images_to_wandb
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -178,20 +177,6 @@ def plot_changes(changes: list[dict[str, list[int]]], titles: list[str], eps: fl
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def log_images_to_wandb(
-    mode: str, project: str, job_type: str, output_dir: str, images: dict[str, Path], summary: dict
-) -> None:
-    """Log figures (and numbers) as a W&B run of their own, unless W&B is disabled."""
-    mode = wandb_mode(mode)
-    if mode == "disabled":
-        return
-    run = wandb.init(project=project, job_type=job_type, dir=output_dir, mode=mode)
-    try:
-        run.log({name: wandb.Image(str(path)) for name, path in images.items()} | summary)
-    finally:
-        wandb.finish()
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
+import wandb
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import WandbLogger
 
@@ -75,3 +76,17 @@ def wandb_logger(
         tags=[str(t) for t in tags] + job_tags,
         mode=wandb_mode(mode),
     )
+
+
+def log_images_to_wandb(
+    mode: str, project: str, job_type: str, output_dir: str, images: dict[str, Path], summary: dict
+) -> None:
+    """Log figures (and numbers) as a W&B run of their own, unless W&B is disabled."""
+    mode = wandb_mode(mode)
+    if mode == "disabled":
+        return
+    run = wandb.init(project=project, job_type=job_type, dir=output_dir, mode=mode)
+    try:
+        run.log({name: wandb.Image(str(path)) for name, path in images.items()} | summary)
+    finally:
+        wandb.finish()

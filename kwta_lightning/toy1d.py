@@ -24,7 +24,7 @@ from torch import nn
 
 from kwta_lightning.activations import make_activation
 from kwta_lightning.console import exit_on_user_error, print_summary
-from kwta_lightning.landscape import log_images_to_wandb
+from kwta_lightning.loggers import log_images_to_wandb
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
