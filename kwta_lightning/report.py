@@ -30,6 +30,7 @@ COLUMNS = (
     "success_rate",
     "median_norm",
     "wall_time_s",
+    "images_per_s",
 )
 
 
@@ -79,6 +80,7 @@ def _row_cells(row: Mapping[str, Any]) -> list[str]:
         _pct(row["success_rate"]),
         _fmt(row["median_norm"]),
         _fmt(row["wall_time_s"]),
+        _fmt(row["images_per_s"]),
     ]
 
 

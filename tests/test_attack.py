@@ -121,6 +121,12 @@ def test_every_attack_stays_in_bounds_and_worst_case_is_below_each(relu_net):
     worst = {(w["norm"], w["eps"]): w["robust_acc"] for w in worst_case(evaluation)}
     for row in rows:
         assert worst[(row["norm"], row["eps"])] <= row["robust_acc"], row["attack"]
+        # images_per_s: the inputs attacked at that eps over that eps's (rounded) wall time
+        assert row["images_per_s"] > 0, row["attack"]
+        seconds = len(x) / row["images_per_s"]
+        assert seconds == pytest.approx(row["wall_time_s"], rel=1e-3, abs=0.005), row["attack"]
+    # DeepFool runs once for both eps, so both its rows carry that run's time.
+    assert len({r["images_per_s"] for r in rows if r["attack"] == "deepfool"}) == 1
     # The plain net falls to white-box PGD at eps 0.3, and VGA reports its targeted rate.
     pgd = next(r for r in rows if r["attack"] == "pgd" and r["eps"] == 0.3)
     assert pgd["robust_acc"] == 0.0 and pgd["success_rate"] == 1.0

@@ -68,7 +68,9 @@ def test_cli_writes_the_report_files_and_schema(checkpoint, tmp_path):
     ]
     for row in rows:
         assert row.keys() >= SCHEMA_RESULT
-        assert row["norm"] == "linf" and row["wall_time_s"] >= 0
+        assert row["norm"] == "linf" and row["wall_time_s"] >= 0 and row["images_per_s"] > 0
+        seconds = report["n_samples"] / row["images_per_s"]
+        assert seconds == pytest.approx(row["wall_time_s"], rel=1e-3, abs=0.005)
         if row["eps"] == 0:
             assert row["robust_acc"] == report["clean_acc"]
     assert rows[0]["params"]["attack"] == {
@@ -83,7 +85,9 @@ def test_cli_writes_the_report_files_and_schema(checkpoint, tmp_path):
         d.keys() == {"name", "status", "detail"} and d["status"] in ("pass", "warn")
         for d in report["diagnostics"]
     )
-    assert "| pgd | gradient | linf | 0.1 |" in (tmp_path / "report.md").read_text()
+    report_md = (tmp_path / "report.md").read_text()
+    assert "| pgd | gradient | linf | 0.1 |" in report_md
+    assert "| wall_time_s | images_per_s |" in report_md
 
 
 def test_cli_refuses_a_truncated_checkpoint_in_one_line(checkpoint, tmp_path):

@@ -133,6 +133,7 @@ class BPDA(Attack):
                 f"got {surrogate!r}"
             )
         self.inner = FoolboxAttack(attack, "linf", kind, name)
+        self.shares_epsilons = self.inner.shares_epsilons
         self.surrogate, self.temperature = surrogate, temperature
 
     def run(
@@ -160,6 +161,7 @@ class Transfer(Attack):
     ) -> None:
         super().__init__("linf", kind, name)
         self.inner = FoolboxAttack(attack, "linf", kind, name)
+        self.shares_epsilons = self.inner.shares_epsilons
         self.surrogate_ckpt = surrogate_ckpt
         self._loaded: nn.Module | None = None
 

@@ -29,7 +29,13 @@ class AttackOutput:
 
 
 class Attack(ABC):
-    """An attack with a norm and a kind; ``name`` is its key in the config."""
+    """An attack with a norm and a kind; ``name`` is its key in the config.
+
+    ``shares_epsilons``: one run serves every eps (a minimisation attack), so the evaluation calls
+    ``run`` once with all of them; otherwise once per eps, to time each eps on its own.
+    """
+
+    shares_epsilons = False
 
     def __init__(self, norm: str = "linf", kind: str = "gradient", name: str = "") -> None:
         if norm not in NORMS:
@@ -45,7 +51,7 @@ class Attack(ABC):
     def run(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: Sequence[float]
     ) -> list[AttackOutput]:
-        """One output per eps; attacks that can share work across epsilons override this."""
+        """One output per eps; attacks that share one run across epsilons override this."""
         return [self.attack(model, x, y, eps) for eps in epsilons]
 
     @abstractmethod

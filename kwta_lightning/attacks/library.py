@@ -28,6 +28,7 @@ class FoolboxAttack(Attack):
     ):
         super().__init__(norm, kind, name)
         self.fb_attack = attack
+        self.shares_epsilons = isinstance(attack, fb.attacks.base.MinimizationAttack)
 
     def run(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: Sequence[float]
