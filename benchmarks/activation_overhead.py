@@ -5,13 +5,14 @@
     uv run python benchmarks/activation_overhead.py --epoch --data mnist --train-subset 2000
 
 Variants: ReLU (the backbone as torchvision defines it), k-WTA at each ``--gamma`` with the
-library's default (fastest exact) implementation, the library's reference implementation
-(``kwta_topk``: topk threshold, broadcast compare, multiply) and the paper's forward (topk, then
-the threshold repeated and permuted to the input's shape), both at the first gamma. All variants
-run interleaved, repetition by repetition, in one process, so a noisy machine slows them alike;
-the table gives medians and ratios to ReLU, and the JSON in ``benchmarks/results/`` keeps every
-repetition. ``--epoch`` times one training epoch and one test-set pass over real data instead of
-one batch (as the reproduction's Table 3 did).
+library's default (fastest exact) implementation (on CPU the C++ radix-select kernel), and at the
+first gamma: the fast layer with torch.topk as its selection (``kwta_torch``, what CUDA runs), the
+library's reference implementation (``kwta_topk``: topk threshold, broadcast compare, multiply)
+and the paper's forward (topk, then the threshold repeated and permuted to the input's shape).
+All variants run interleaved, repetition by repetition, in one process, so a noisy machine
+slows them alike; the table gives medians and ratios to ReLU, and the JSON in
+``benchmarks/results/`` keeps every repetition. ``--epoch`` times one training epoch and one
+test-set pass over real data instead of one batch (as the reproduction's Table 3 did).
 
 Peak training memory is ``torch.cuda.max_memory_allocated`` on CUDA; on CPU it is the peak of
 live tensor storage during one training step (tracked op by op), plus the parameters, buffers
@@ -84,7 +85,7 @@ class Variant:
             return build_network(*args)
         net = build_network(backbone, num_classes, channels, size, mean, std, "relu")
         example = torch.rand(1, *shape)
-        swapped, _ = swap_relus(net[1], lambda: PaperKWTA(self.gamma), example, backbone)
+        swapped, _ = swap_relus(net[1], lambda inplace: PaperKWTA(self.gamma), example, backbone)
         return nn.Sequential(net[0], swapped)
 
 
@@ -94,6 +95,7 @@ def variants(gammas: list[float]) -> list[Variant]:
     return [
         Variant("relu", "relu", first),
         *fast,
+        Variant(f"kwta_torch g={first}", "kwta_torch", first),
         Variant(f"kwta_topk g={first}", "kwta_topk", first),
         Variant(f"paper g={first}", "paper", first),
     ]

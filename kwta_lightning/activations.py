@@ -12,12 +12,16 @@ The kept units pass their value and their gradient; the zeroed ones pass neither
 keep the input's memory format (channels_last).
 
 ``kwta`` and ``kwta_channel`` run the fastest exact implementation for the input's device
-(``kwta_lightning.kwta_select``); ``kwta_topk`` and ``kwta_channel_topk`` run the reference
-(topk threshold, broadcast compare, multiply, plain autograd) with the same values and gradients.
+(``kwta_lightning.kwta_select``: a C++ radix select on CPU, torch.topk elsewhere);
+``kwta_torch`` and ``kwta_channel_torch`` force torch.topk's selection; ``kwta_topk`` and
+``kwta_channel_topk`` run the reference (topk threshold, broadcast compare, multiply, plain
+autograd). All give the same values and gradients. ``inplace=True`` overwrites the input like
+``nn.ReLU(inplace=True)``; the backbone swap sets it where the replaced ReLU had it.
 """
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -75,7 +79,9 @@ def kwta_channelwise_topk(x: torch.Tensor, gamma: float) -> torch.Tensor:
     return x * (x >= threshold.view(*threshold.shape, *([1] * (x.dim() - 2))))
 
 
-def kwta_layerwise(x: torch.Tensor, gamma: float) -> torch.Tensor:
+def kwta_layerwise(
+    x: torch.Tensor, gamma: float, inplace: bool = False, select: str = "auto"
+) -> torch.Tensor:
     """k-WTA per sample over every non-batch dimension (C*H*W for maps, F for vectors).
 
     Same values and gradients as ``kwta_layerwise_topk``, with the fastest exact implementation
@@ -84,30 +90,46 @@ def kwta_layerwise(x: torch.Tensor, gamma: float) -> torch.Tensor:
     """
     if torch.compiler.is_compiling():
         return kwta_layerwise_topk(x, gamma)
-    return kwta_rows(x, num_winners(gamma, math.prod(x.shape[1:])))
+    return kwta_rows(x, num_winners(gamma, math.prod(x.shape[1:])), inplace, select)
 
 
-def kwta_channelwise(x: torch.Tensor, gamma: float) -> torch.Tensor:
+def kwta_channelwise(
+    x: torch.Tensor, gamma: float, inplace: bool = False, select: str = "auto"
+) -> torch.Tensor:
     """k-WTA per sample and channel over H*W; layer-wise on a vector input (N, F)."""
     if x.dim() < 3:
-        return kwta_layerwise(x, gamma)
+        return kwta_layerwise(x, gamma, inplace, select)
     if torch.compiler.is_compiling():
         return kwta_channelwise_topk(x, gamma)
-    return kwta_per_channel(x, num_winners(gamma, math.prod(x.shape[2:])))
+    return kwta_per_channel(x, num_winners(gamma, math.prod(x.shape[2:])), inplace, select)
 
 
-class KWTA(_KWTA):
+class _FastKWTA(_KWTA):
+    """A k-WTA layer on ``kwta_select``: optionally in place, with a choice of selection."""
+
+    def __init__(self, gamma: float = 0.1, inplace: bool = False, select: str = "auto") -> None:
+        super().__init__(gamma)
+        self.inplace = inplace
+        self.select = select  # "auto" (the fastest for the device) or "torch" (torch.topk)
+
+    def extra_repr(self) -> str:
+        inplace = ", inplace=True" if self.inplace else ""
+        select = "" if self.select == "auto" else f", select={self.select}"
+        return f"{super().extra_repr()}{inplace}{select}"
+
+
+class KWTA(_FastKWTA):
     """Layer-wise k-WTA: per sample, over every non-batch dimension (C*H*W, or F)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kwta_layerwise(x, self.gamma)
+        return kwta_layerwise(x, self.gamma, self.inplace, self.select)
 
 
-class KWTAChannel(_KWTA):
+class KWTAChannel(_FastKWTA):
     """Channel-wise k-WTA: per sample and channel, over H*W (layer-wise on vectors)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kwta_channelwise(x, self.gamma)
+        return kwta_channelwise(x, self.gamma, self.inplace, self.select)
 
 
 class KWTATopK(_KWTA):
@@ -124,20 +146,22 @@ class KWTAChannelTopK(_KWTA):
         return kwta_channelwise_topk(x, self.gamma)
 
 
-ACTIVATIONS: dict[str, Callable[[float], nn.Module]] = {
-    "relu": lambda gamma: nn.ReLU(),
+ACTIVATIONS: dict[str, Callable[[float, bool], nn.Module]] = {
+    "relu": lambda gamma, inplace: nn.ReLU(inplace),
     "kwta": KWTA,
     "kwta_channel": KWTAChannel,
-    "kwta_topk": KWTATopK,
-    "kwta_channel_topk": KWTAChannelTopK,
+    "kwta_torch": partial(KWTA, select="torch"),
+    "kwta_channel_torch": partial(KWTAChannel, select="torch"),
+    "kwta_topk": lambda gamma, inplace: KWTATopK(gamma),  # the reference never writes in place
+    "kwta_channel_topk": lambda gamma, inplace: KWTAChannelTopK(gamma),
 }
 
 
-def make_activation(name: str, gamma: float = 0.1) -> nn.Module:
+def make_activation(name: str, gamma: float = 0.1, inplace: bool = False) -> nn.Module:
     """Build the activation registered under ``name`` (gamma is ignored by ReLU)."""
     if name not in ACTIVATIONS:
         raise ConfigError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name](gamma)
+    return ACTIVATIONS[name](gamma, inplace)
 
 
 def kwta_layers(model: nn.Module) -> dict[str, _KWTA]:

@@ -22,6 +22,7 @@ import difflib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -242,7 +243,7 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 def _rewrite_functional_relus(
-    model: nn.Module, new_activation: Callable[[], nn.Module], leaves: tuple[type, ...]
+    model: nn.Module, new_activation: Callable[[bool], nn.Module], leaves: tuple[type, ...]
 ) -> tuple[torch.fx.GraphModule, int]:
     tracer = _LeafTracer(leaves)
     graph = tracer.trace(model)
@@ -255,7 +256,7 @@ def _rewrite_functional_relus(
         if not is_relu:
             continue
         name = f"functional_act_{rewritten}"
-        graph_module.add_submodule(name, new_activation())
+        graph_module.add_submodule(name, new_activation(False))
         with graph.inserting_after(node):
             call = graph.call_module(name, args=(node.args[0],))
         node.replace_all_uses_with(call)
@@ -268,11 +269,14 @@ def _rewrite_functional_relus(
 
 def swap_relus(
     model: nn.Module,
-    new_activation: Callable[[], nn.Module],
+    new_activation: Callable[[bool], nn.Module],
     example: torch.Tensor,
     model_name: str | None = None,
 ) -> tuple[nn.Module, SwapReport]:
-    """Replace every ReLU of ``model`` with ``new_activation()``; return the model and a report.
+    """Replace every ReLU of ``model`` with ``new_activation(inplace)``; return it and a report.
+
+    ``inplace`` is the replaced module's own flag (``nn.ReLU(inplace=True)`` may overwrite its
+    input, so its replacement may too); a ReLU called as a function gets False.
 
     ``example`` is one input batch: a forward pass on it counts the call sites and finds ReLUs
     called as functions, which only show up when the model runs.
@@ -280,9 +284,9 @@ def swap_relus(
     replacements: dict[int, nn.Module] = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, RELU_MODULES):
-            new = replacements.setdefault(id(module), new_activation())
+            new = replacements.setdefault(id(module), new_activation(module.inplace))
             _replace_module(model, name, new)
-    kinds = tuple({type(m) for m in replacements.values()}) or (type(new_activation()),)
+    kinds = tuple({type(m) for m in replacements.values()}) or (type(new_activation(False)),)
     model_name = model_name or type(model).__name__
     try:
         sites, functional_calls = count_calls(model, example, kinds)
@@ -350,7 +354,8 @@ def build_network(
     net = build_backbone(backbone, num_classes, in_channels, small_input, pretrained)
     if activation != "relu":
         example = torch.rand(1, in_channels, image_size, image_size)
-        net, report = swap_relus(net, lambda: make_activation(activation, gamma), example, backbone)
+        new_activation = partial(make_activation, activation, gamma)
+        net, report = swap_relus(net, new_activation, example, backbone)
         log.info(
             "%s: swapped %d ReLU sites (%d modules, %d functional calls) for %s(gamma=%s)",
             backbone,

@@ -4,6 +4,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import foolbox as fb
@@ -190,7 +191,7 @@ class KWTAClassifier(L.LightningModule):
             1, self.hparams.in_channels, self.hparams.image_size, self.hparams.image_size
         ).to(self.device)
         self.net, report = swap_relus(
-            self.net, lambda: make_activation(activation, gamma), example, self.hparams.backbone
+            self.net, partial(make_activation, activation, gamma), example, self.hparams.backbone
         )
         self.hparams.activation, self.hparams.gamma = activation, check_gamma(gamma)
         log.info(

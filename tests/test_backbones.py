@@ -79,7 +79,7 @@ def test_shared_relu_module_is_swapped_at_every_site():
         def forward(self, x):
             return self.relu(self.fc2(self.relu(self.fc1(x))))
 
-    model, report = swap_relus(TwoSites(), lambda: KWTA(0.1), torch.randn(1, 4))
+    model, report = swap_relus(TwoSites(), lambda inplace: KWTA(0.1), torch.randn(1, 4))
     assert (report.modules, report.sites, report.functional) == (1, 2, 0)
     assert ((model(torch.randn(3, 4)) != 0).sum(dim=1) == 2).all()
 
@@ -87,9 +87,27 @@ def test_shared_relu_module_is_swapped_at_every_site():
 def test_resnet18_counts_its_reused_relus():
     # Stem ReLU plus two calls of each of the 8 blocks' one shared ReLU.
     _, report = swap_relus(
-        cifar_network("resnet18", activation="relu")[1], lambda: KWTA(0.1), torch.rand(1, 3, 32, 32)
+        cifar_network("resnet18", activation="relu")[1],
+        lambda inplace: KWTA(0.1),
+        torch.rand(1, 3, 32, 32),
     )
     assert (report.modules, report.sites, report.functional) == (9, 17, 0)
+
+
+def test_swapped_kwta_is_inplace_where_the_relu_was():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.inplace, self.copy = nn.Linear(4, 20), nn.ReLU(inplace=True), nn.ReLU()
+
+        def forward(self, x):
+            return self.copy(self.inplace(self.fc(x))) + torch.relu(self.fc(x))
+
+    model, _ = swap_relus(Mixed(), lambda inplace: KWTA(0.2, inplace), torch.randn(1, 4))
+    assert model.inplace.inplace and not model.copy.inplace
+    assert not model.functional_act_0.inplace  # a functional call never had the flag
+    resnet = cifar_network("resnet18")
+    assert all(m.inplace for m in resnet.modules() if isinstance(m, KWTA))  # torchvision's are
 
 
 def test_functional_relu_is_rewritten_with_fx():
@@ -101,7 +119,7 @@ def test_functional_relu_is_rewritten_with_fx():
         def forward(self, x):
             return torch.nn.functional.relu(self.fc(x)) + self.fc(x).relu()
 
-    model, report = swap_relus(Functional(), lambda: KWTA(0.2), torch.randn(1, 4))
+    model, report = swap_relus(Functional(), lambda inplace: KWTA(0.2), torch.randn(1, 4))
     assert (report.modules, report.functional, report.sites) == (0, 2, 2)
     x = torch.randn(5, 4)
     hidden = model.fc(x)
@@ -114,7 +132,7 @@ def test_untraceable_functional_relu_is_refused():
             return torch.relu(x) if x.sum() > 0 else x
 
     with pytest.raises(ModelRefused, match="calls ReLU as a function.*torch.fx cannot trace"):
-        swap_relus(DataDependent(), lambda: KWTA(0.2), torch.ones(1, 4))
+        swap_relus(DataDependent(), lambda inplace: KWTA(0.2), torch.ones(1, 4))
 
 
 def test_densenet_final_functional_relu_is_swapped():

@@ -21,7 +21,7 @@ def load_script(name: str):
 bench = load_script("activation_overhead")
 TINY = ["--backbone", "cnn", "--batch-size", "4", "--repeats", "2", "--warmup", "0"]
 TINY += ["--threads", "1"]
-LABELS = ["relu", "kwta g=0.5", "kwta g=0.25", "kwta_topk g=0.5", "paper g=0.5"]
+LABELS = ["relu", "kwta g=0.5", "kwta g=0.25", "kwta_torch g=0.5", "kwta_topk g=0.5", "paper g=0.5"]
 
 
 def test_step_mode_prints_the_table_and_writes_json(tmp_path, capsys):

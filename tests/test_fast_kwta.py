@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from kwta_lightning import kwta_select
 from kwta_lightning.activations import (
     KWTA,
     KWTAChannel,
@@ -16,7 +17,7 @@ from kwta_lightning.activations import (
     set_gamma,
 )
 from kwta_lightning.backbones import build_network
-from kwta_lightning.kwta_select import KWTAFunction
+from kwta_lightning.kwta_select import KWTAFunction, cpu_kernel
 from tests.helpers import run_cli
 
 SMALL = (3, 4, 5, 6)
@@ -38,9 +39,14 @@ def sort_reference(x: torch.Tensor, gamma: float, per_channel: bool) -> torch.Te
 
 def values_and_grad(fn, x: torch.Tensor, gamma: float, grad_out: torch.Tensor):
     x = x.detach().clone().requires_grad_()
-    out = fn(x, gamma)
+    out = fn(x * 1, gamma)  # a non-leaf input, which an in-place layer may overwrite
     out.backward(grad_out)
     return out.detach(), x.grad
+
+
+def test_the_cpu_kernel_builds_here():
+    # Without a compiler the layers fall back to torch.topk with a warning; CI must have one.
+    assert cpu_kernel() is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -49,18 +55,23 @@ def values_and_grad(fn, x: torch.Tensor, gamma: float, grad_out: torch.Tensor):
 @pytest.mark.parametrize("gamma", [1e-6, 0.1, 0.5, 1.0])  # k = 1, ..., k = N
 @pytest.mark.parametrize("shift", [0.0, 5.0])  # thresholds <= 0 (mask saved) and > 0 (output)
 @pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize(("select", "inplace"), [("auto", False), ("auto", True), ("torch", False)])
 def test_equals_reference_values_and_gradients(
-    dtype, channels_last, shape, gamma, shift, per_channel
+    dtype, channels_last, shape, gamma, shift, per_channel, select, inplace
 ):
     x = tied(shape, dtype, shift=shift)
     if channels_last:
         x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    fast, reference = (
+    layer, reference = (
         (kwta_channelwise, kwta_channelwise_topk)
         if per_channel
         else (kwta_layerwise, kwta_layerwise_topk)
     )
+
+    def fast(x, gamma):
+        return layer(x, gamma, inplace, select)
+
     out, grad = values_and_grad(fast, x, gamma, grad_out)
     ref_out, ref_grad = values_and_grad(reference, x, gamma, grad_out)
     assert out.dtype == dtype
@@ -92,15 +103,13 @@ def test_positive_thresholds_save_only_the_output_like_relu(per_channel):
     assert saved.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
 
 
-@pytest.mark.parametrize(
-    ("shift", "check_positive"),
-    [(0.0, True), (5.0, False)],
-    ids=["threshold<=0", "no-check (the CUDA path)"],
-)
+@pytest.mark.parametrize("select", ["auto", "torch"])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_other_cases_save_only_a_bool_mask(shift, check_positive, per_channel):
-    x = tied(LARGE, torch.float32, shift=shift)
-    out = KWTAFunction.apply(x, 60 if per_channel else 900, per_channel, check_positive)
+def test_thresholds_at_or_below_zero_save_only_a_bool_mask(select, per_channel):
+    x = tied(LARGE, torch.float32)
+    with torch.no_grad():
+        x[0] += 5.0  # sample 0: thresholds > 0 (the kernel masks it), the others <= 0
+    out = KWTAFunction.apply(x, 60 if per_channel else 900, per_channel, False, select)
     (mask,) = out.grad_fn.saved_tensors
     assert mask.dtype == torch.bool and mask.shape == LARGE
     grad_out = torch.randn(LARGE, generator=torch.Generator().manual_seed(1))
@@ -110,6 +119,50 @@ def test_other_cases_save_only_a_bool_mask(shift, check_positive, per_channel):
     (grad,) = torch.autograd.grad(out, x, grad_out)
     (ref_grad,) = torch.autograd.grad(reference(x, gamma), x, grad_out)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+
+
+def test_auto_selection_runs_the_kernel_on_cpu(monkeypatch):
+    calls = []
+    kernel = cpu_kernel()
+
+    class Spy:
+        def kwta_rows_out(self, *args):
+            calls.append(args[0].shape)
+            return kernel.kwta_rows_out(*args)
+
+    monkeypatch.setattr(kwta_select, "cpu_kernel", lambda: Spy())
+    x = tied(LARGE, torch.float32).detach()
+    KWTA(0.1)(x)
+    KWTAChannel(0.1)(x)
+    KWTA(0.1, select="torch")(x)
+    KWTA(0.1)(x.double())  # float64: torch's selection (the kernel ranks float32 keys)
+    assert calls == [(3, 16 * 81), (3 * 16, 81)]
+
+
+def test_inplace_writes_into_its_input_like_relu():
+    x = tied(LARGE, torch.float32, shift=1.0)
+    hidden = x * 1
+    out = KWTA(0.1, inplace=True)(hidden)
+    assert out is hidden
+    torch.testing.assert_close(out, kwta_layerwise_topk(x, 0.1), rtol=0, atol=0)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, (out != 0).float(), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        KWTA(0.1, inplace=True)(x)  # autograd refuses it as it refuses nn.ReLU(inplace=True)
+
+
+@pytest.mark.parametrize("select", ["auto", "torch"])
+def test_a_nan_zeroes_its_group(select):
+    # The reference's threshold topk(...).amin() is NaN for a group holding a NaN, so no unit
+    # passes x >= threshold; the reference's multiply then leaves NaN * 0 = NaN where the NaNs
+    # were, the fast layers (a where) leave 0.
+    x = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    x[:2, :3] = float("nan")
+    x[1, 3:] = -1.0  # threshold < 0: the kernel leaves this row to the caller
+    for gamma in (0.02, 0.1, 0.5):  # k = 1, 5, 25
+        out = kwta_layerwise(x, gamma, select=select)
+        assert (out[:2] == 0).all()
+        torch.testing.assert_close(out[2:], kwta_layerwise_topk(x[2:], gamma), rtol=0, atol=0)
 
 
 def test_inference_mode_and_no_grad():
@@ -188,3 +241,24 @@ def test_train_cli_runs_kwta_with_bf16_mixed(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["act"] == "kwta"
     assert 0.0 <= metrics["test_acc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_train_cli_runs_kwta_with_model_compile(tmp_path, monkeypatch):
+    # Inductor, as train.py runs it; the logs show the network was compiled and traced whole.
+    monkeypatch.setenv("TORCH_LOGS", "graph_breaks,recompiles")
+    result = run_cli(
+        "data=fake",
+        "model=cnn",
+        "act=kwta",
+        "gamma=0.2",
+        "debug=fdr",
+        "logger=csv",
+        "model.compile=true",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Recompiling function" in result.stderr  # the no-grad validation pass
+    assert "Graph break" not in result.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["act"] == "kwta" and 0.0 <= metrics["test_acc"] <= 1.0
