@@ -12,7 +12,9 @@ Each candidate returns the exact k-th largest value of every row of a (batch, N)
   the bound are cut out with ``masked_select`` and counted, and ``kthvalue`` runs on them;
 * ``radix``: a 4096-bucket histogram of the top 12 bits of the float bit patterns (``bincount``
   on the order-preserving integer keys), then the bucket holding the k-th value is searched with
-  ``kthvalue``: a radix select's first level, done with eager ops.
+  ``kthvalue``: a radix select's first level, done with eager ops;
+* ``kernel``: the C++ radix select of ``kwta_lightning/csrc/kwta_cpu.cpp`` (what ``act=kwta``
+  runs on CPU); it also writes the masked output, which the others leave out.
 
 Candidates are interleaved per repetition; the table gives medians in ms.
 """
@@ -30,6 +32,7 @@ from rich.table import Table
 from kwta_lightning.activations import check_gamma
 from kwta_lightning.console import exit_on_user_error
 from kwta_lightning.errors import ConfigError
+from kwta_lightning.kwta_select import cpu_kernel
 
 BUCKET_BITS = 12
 
@@ -77,7 +80,17 @@ def by_radix(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-CANDIDATES = {"topk": by_topk, "kthvalue": by_kthvalue, "bracket": by_bracket, "radix": by_radix}
+def by_kernel(x: torch.Tensor, k: int) -> torch.Tensor:
+    return cpu_kernel().kwta_rows_out(x, torch.empty_like(x), k)
+
+
+CANDIDATES = {
+    "topk": by_topk,
+    "kthvalue": by_kthvalue,
+    "bracket": by_bracket,
+    "radix": by_radix,
+    "kernel": by_kernel,
+}
 
 
 def time_ms(fn, *args) -> float:
