@@ -53,7 +53,9 @@ def cpu_kernel() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        kernel = load("kwta_lightning_cpu", [str(KERNEL_SOURCE)], extra_cflags=["-O3"])
+        # -fopenmp: at::parallel_for is inlined, and runs serially when compiled without it
+        flags = ["-O3", "-fopenmp"]
+        kernel = load("kwta_lightning_cpu", [str(KERNEL_SOURCE)], extra_cflags=flags)
     except Exception as err:  # no compiler, no ninja, a failed build: fall back, loudly
         reason = f"{type(err).__name__}: {str(err).strip().partition(chr(10))[0]}"
         log.warning("k-WTA CPU kernel unavailable (%s); using torch.topk", reason)
