@@ -152,11 +152,12 @@ def test_inplace_writes_into_its_input_like_relu():
 
 
 @pytest.mark.parametrize("select", ["auto", "torch"])
-def test_a_nan_zeroes_its_group(select):
+@pytest.mark.parametrize("width", [50, 2000])  # the kernel's short-row and histogram paths
+def test_a_nan_zeroes_its_group(select, width):
     # The reference's threshold topk(...).amin() is NaN for a group holding a NaN, so no unit
     # passes x >= threshold; the reference's multiply then leaves NaN * 0 = NaN where the NaNs
     # were, the fast layers (a where) leave 0.
-    x = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, width, generator=torch.Generator().manual_seed(0))
     x[:2, :3] = float("nan")
     x[1, 3:] = -1.0  # threshold < 0: the kernel leaves this row to the caller
     x[2, 0] = float("inf")  # an infinity shares the NaNs' histogram bins, and is no NaN

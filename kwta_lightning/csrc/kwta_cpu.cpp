@@ -4,7 +4,8 @@
 // PyTorch's own thread pool (at::parallel_for). The k-th largest value is found from histograms
 // of an order-preserving integer key of the float bits (12 high bits over the row, then 12 middle
 // and 8 low bits over the keys of the winning high bin), which takes a few linear passes instead
-// of topk's quickselect over (value, index) pairs. Ties are kept: a unit survives when its value
+// of topk's quickselect over (value, index) pairs; rows of <= 512 units (channel-wise k-WTA of
+// small maps) take nth_element on the keys instead. Ties are kept: a unit survives when its value
 // is >= the k-th largest. A row holding a NaN gets a NaN threshold, which drops every unit, as
 // the reference's topk(...).amin() does.
 #include <torch/extension.h>
@@ -14,10 +15,13 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <vector>
 
 namespace {
+
+constexpr int64_t SMALL_ROW = 512;
 
 // a < b as floats  <=>  order_key(a) < order_key(b), for every non-NaN float. Branch-free: signs
 // are a coin toss per unit, and a mispredicted branch per unit would cost more than the select.
@@ -56,8 +60,24 @@ bool has_nan(const std::array<uint32_t, 4096>& high, const scalar_t* row, int64_
 }
 
 // The k-th largest value of row[0..n) (1 <= k <= n); keys is scratch space.
+// Short rows (channel-wise k-WTA of small maps): clearing and scanning 4096 bins would cost more
+// than the row itself; nth_element on the keys is quicker there.
+template <typename scalar_t>
+float kth_largest_small(const scalar_t* row, int64_t n, int64_t k, std::vector<uint32_t>& keys) {
+  keys.resize(n);
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    keys[i] = order_key(static_cast<float>(row[i]));
+    nan = nan || row[i] != row[i];
+  }
+  if (nan) return std::numeric_limits<float>::quiet_NaN();
+  std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.begin() + n, std::greater<uint32_t>());
+  return key_value(keys[k - 1]);
+}
+
 template <typename scalar_t>
 float kth_largest(const scalar_t* row, int64_t n, int64_t k, std::vector<uint32_t>& keys) {
+  if (n <= SMALL_ROW) return kth_largest_small(row, n, k, keys);
   std::array<uint32_t, 4096> high{};
   keys.resize(n);
   for (int64_t i = 0; i < n; ++i) {
