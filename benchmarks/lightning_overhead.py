@@ -1,13 +1,16 @@
 """Training images/s of train.py's Lightning loop beside a plain PyTorch loop doing the same work.
 
     uv run python benchmarks/lightning_overhead.py             # model=cnn data=fake act=kwta
-    uv run python benchmarks/lightning_overhead.py model=resnet18 data.train_subset=2560 --repeats 3
+    uv run python benchmarks/lightning_overhead.py model=resnet18 --repeats 3
+    uv run python benchmarks/lightning_overhead.py data.on_device=true   # batches on the device
 
-Takes train.py's overrides. Both loops get the same composed config: the same data module and a
-model built from the same seed, and run one training epoch each (forward, cross-entropy,
-backward, optimizer step per batch; no validation), interleaved ``--repeats`` times. The
-Lightning loop also does what the LightningModule adds (training accuracy, logging): that is part
-of what it costs. Prints images/s of both and Lightning's overhead in percent (medians).
+Takes train.py's overrides. Both loops get the same composed config: the same data module (and
+so the same data path, ``data.on_device`` included: both gather batches on the benchmark's
+device) and a model built from the same seed, and run one training epoch each (forward,
+cross-entropy, backward, optimizer step per batch; no validation), interleaved ``--repeats``
+times. The Lightning loop also does what the LightningModule adds (training accuracy, logging):
+that is part of what it costs. Prints images/s of both and Lightning's overhead in percent
+(medians).
 """
 
 import argparse
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise ConfigError(f"trainer.precision must be one of {', '.join(PRECISIONS)}")
     device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
     data = instantiate(cfg.data)
+    data.device = device  # where data.on_device=true gathers batches for the plain loop too
     data.prepare_data()
     data.setup("fit")
     precision = str(cfg.trainer.precision)

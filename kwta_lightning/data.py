@@ -3,15 +3,24 @@
 Images reach the model as tensors in [0, 1]: no normalisation here (the model's first layer does
 it), so attacks can work in pixel space. The training set is split into train and validation with
 a seeded permutation; the validation part is never augmented.
+
+With ``on_device=True`` each split is held once as a uint8 tensor on the trainer's device, and
+batches are gathered (and, for training, cropped and flipped) there: no per-image work on the CPU.
 """
 
+import functools
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
@@ -21,12 +30,42 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class CropFlip:
+    """Random ``size`` crop of the image zero-padded by ``padding``, then a horizontal flip (p=1/2).
+
+    :meth:`transforms` is torchvision's version (per PIL image), :meth:`batch` the same draw for a
+    whole uint8 batch on its device: crop offsets uniform over every position, flips independent.
+    """
+
+    size: int
+    padding: int
+
+    def transforms(self) -> list[Callable]:
+        crop = transforms.RandomCrop(self.size, padding=self.padding)
+        return [crop, transforms.RandomHorizontalFlip()]
+
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        n, _, height, width = images.shape
+        device, pad = images.device, self.padding
+        padded = F.pad(images, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # N, H, W, C
+        top = torch.randint(0, height + 2 * pad - self.size + 1, (n, 1), device=device)
+        left = torch.randint(0, width + 2 * pad - self.size + 1, (n, 1), device=device)
+        steps = torch.arange(self.size, device=device)
+        rows, cols = top + steps, left + steps
+        cols = torch.where(torch.rand(n, 1, device=device) < 0.5, cols.flip(1), cols)
+        picked = padded[
+            torch.arange(n, device=device)[:, None, None], rows[:, :, None], cols[:, None]
+        ]
+        return picked.permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """How to open one torchvision data set and what its folder must hold."""
 
     open: Callable[..., Dataset]  # (root, train, transform, download) -> Dataset
     files: str
-    augment: Sequence[Callable] = ()
+    augment: CropFlip | None = None
 
 
 def _train_flag(cls: type) -> Callable[..., Dataset]:
@@ -37,7 +76,7 @@ def _svhn(root: str, train: bool, **kw) -> Dataset:
     return datasets.SVHN(root, split="train" if train else "test", **kw)
 
 
-_CIFAR_AUGMENT = (transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip())
+_CIFAR_AUGMENT = CropFlip(32, padding=4)
 _MNIST_FILES = "{train,t10k}-{images-idx3,labels-idx1}-ubyte"
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -57,6 +96,87 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+@functools.cache
+def _fake_items(
+    size: int, shape: tuple[int, int, int], num_classes: int, offset: int
+) -> list[tuple[Image.Image, int]]:
+    """torchvision's FakeData images and labels, made once per process.
+
+    FakeData reseeds torch's RNG for every image, and each reseed formats a Python traceback of
+    the caller (torch queues the CUDA seed lazily with it): the deeper the caller's stack, the
+    slower, so made per access the fake data cost a Lightning loop far more than a plain loop.
+    """
+    fake = datasets.FakeData(size, shape, num_classes, random_offset=offset)
+    return [fake[i] for i in range(size)]
+
+
+class _Transformed(Dataset):
+    """(image, label) pairs, ``transform`` applied to the image on each access."""
+
+    def __init__(self, items: Sequence[tuple[Image.Image, int]], transform: Callable) -> None:
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.items[index]
+        return self.transform(image), label
+
+
+class DeviceImages(Dataset):
+    """One split as a uint8 tensor (N, C, H, W) and int64 labels, gathered a batch at a time.
+
+    A DataLoader hands :meth:`__getitems__` a batch of indices; the images are picked, augmented
+    (``augment``, then a resize to ``resize_to``) and turned into floats in [0, 1] on the tensors'
+    device, exactly as ``ToTensor`` turns uint8 into floats. Batches come out as ``(images,
+    labels)``, like the normal pipeline's, so every loop over the loaders works unchanged.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        augment: CropFlip | None = None,
+        resize_to: int | None = None,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.augment, self.resize_to = augment, resize_to
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.__getitems__([index])
+        return images[0], labels[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        picks = _to_device(torch.as_tensor(indices), self.images.device)
+        images = self.images[picks]
+        if self.augment is not None:
+            images = self.augment.batch(images)
+        if self.resize_to is not None:
+            images = transforms.functional.resize(images, self.resize_to)
+        return images.float().div(255), self.labels[picks]
+
+    def to(self, device: torch.device) -> "DeviceImages":
+        """Move the tensors to ``device`` (a no-op where they are already)."""
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        return self
+
+
+def _to_device(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy to ``device``; to a GPU from pinned memory, so the copy does not wait for the GPU."""
+    if device.type == "cuda":
+        return indices.pin_memory().to(device, non_blocking=True)
+    return indices.to(device)
+
+
+def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeviceImages already returns a whole batch: nothing to collate."""
+    return batch
+
+
 class ImageDataModule(L.LightningDataModule):
     """CIFAR-10/100, SVHN, MNIST, Fashion-MNIST, or ``fake`` (random images, for tests).
 
@@ -64,6 +184,13 @@ class ImageDataModule(L.LightningDataModule):
     the model config reads them from here, and ``mean``/``std`` are what the model normalises with.
     ``*_subset`` options keep a seeded random part of a split, for quick runs. ``resize`` scales
     every image to ``image_size`` (after augmentation), e.g. 224 px for ImageNet-pretrained models.
+
+    ``on_device`` holds each split as a :class:`DeviceImages` on ``self.device`` when set (a loop
+    without a trainer), else on the attached trainer's device (each DDP rank its own), else on the
+    CPU: the loaders then gather batches there, with no workers. Validation and test batches
+    equal the normal pipeline's; training batches are drawn from the same distribution (the
+    resize after a crop is torchvision's tensor resize instead of PIL's).
+    ``train_set``/``val_set``/``test_set`` stay the normal per-image data sets either way.
     """
 
     def __init__(
@@ -85,6 +212,7 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: int = 128,
         num_workers: int = 2,
         seed: int = 0,
+        on_device: bool = False,
     ) -> None:
         super().__init__()
         if name not in DATASETS and name != "fake":
@@ -98,16 +226,20 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.device: torch.device | None = None
+        self._device_splits: dict[str, DeviceImages] = {}
+        if on_device:  # the loaders need no workers: Lightning's advice to add some does not apply
+            warnings.filterwarnings(
+                "ignore", "The '.*dataloader' does not have many workers", PossibleUserWarning
+            )
 
     def _open(self, train: bool, transform: Callable, download: bool) -> Dataset:
         if self.name == "fake":
-            return datasets.FakeData(
-                size=1000 if train else 200,
-                image_size=(self.in_channels, self.image_size, self.image_size),
-                num_classes=self.num_classes,
-                transform=transform,
-                random_offset=0 if train else 10_000,
+            shape = (self.in_channels, self.image_size, self.image_size)
+            items = _fake_items(
+                1000 if train else 200, shape, self.num_classes, 0 if train else 10_000
             )
+            return _Transformed(items, transform)
         spec = DATASETS[self.name]
         root = str(self.root)
         try:
@@ -131,11 +263,10 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        resize = [transforms.Resize(self.image_size)] if self.hparams.resize else []
-        to_tensor = transforms.Compose([*resize, transforms.ToTensor()])
-        augment = DATASETS[self.name].augment if self.name in DATASETS else ()
+        to_tensor = transforms.Compose([*self._resize(), transforms.ToTensor()])
+        augment = self._augment()
         train_transform = (
-            transforms.Compose([*augment, to_tensor]) if self.hparams.augment else to_tensor
+            transforms.Compose([*augment.transforms(), to_tensor]) if augment else to_tensor
         )
         full_train = self._open(True, train_transform, download=False)
         full_val = self._open(True, to_tensor, download=False)  # same images, no augmentation
@@ -156,6 +287,13 @@ class ImageDataModule(L.LightningDataModule):
             len(self.test_set),
         )
 
+    def _augment(self) -> CropFlip | None:
+        spec = DATASETS.get(self.name)
+        return spec.augment if spec is not None and self.hparams.augment else None
+
+    def _resize(self) -> list[Callable]:
+        return [transforms.Resize(self.image_size)] if self.hparams.resize else []
+
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.hparams.seed)
 
@@ -173,9 +311,43 @@ class ImageDataModule(L.LightningDataModule):
                 f"{expected} (in_channels, image_size)"
             )
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _device_split(self, split: str) -> DeviceImages:
+        """The split as a DeviceImages on the gather device; read once, moved when that changes."""
+        if split not in self._device_splits:
+            self._device_splits[split] = self._read_uint8(split)
+        if self.device is not None:
+            device = self.device
+        elif self.trainer is not None:
+            device = self.trainer.strategy.root_device
+        else:
+            device = torch.device("cpu")
+        return self._device_splits[split].to(device)
+
+    def _read_uint8(self, split: str) -> DeviceImages:
+        """The split's images as uint8, the normal pipeline's up to ``ToTensor``'s division.
+
+        Training images that get cropped keep their own size; the resize follows the crop, on
+        the device, as in the normal pipeline.
+        """
+        subset = getattr(self, f"{split}_set")
+        augment = self._augment() if split == "train" else None
+        resize = [] if augment else self._resize()
+        to_uint8 = transforms.Compose([*resize, transforms.PILToTensor()])
+        dataset = self._open(split != "test", to_uint8, download=False)
+        images, labels = zip(*(dataset[i] for i in subset.indices), strict=True)
+        resize_to = self.image_size if augment and self.hparams.resize else None
+        return DeviceImages(torch.stack(images), torch.tensor(labels), augment, resize_to)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if self.hparams.on_device:
+            return DataLoader(
+                self._device_split(split),
+                batch_size=self.batch_size,
+                shuffle=shuffle,
+                collate_fn=_batch_as_is,
+            )
         return DataLoader(
-            dataset,
+            getattr(self, f"{split}_set"),
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
@@ -184,10 +356,10 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader("test", shuffle=False)

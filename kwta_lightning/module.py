@@ -126,15 +126,20 @@ class KWTAClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
+        self.train_acc.update(logits, y)
         if self.adv.enabled:
             adv_logits = self(self.adversarial_examples(x, y))
             loss = (1 - self.adv.mix) * loss + self.adv.mix * F.cross_entropy(adv_logits, y)
-            self.train_adv_acc(adv_logits, y)
-            self.log("train/adv_acc", self.train_adv_acc, on_step=False, on_epoch=True)
+            self.train_adv_acc.update(adv_logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # Logged once an epoch, not every step: each log of a metric object moves all its state
+        # to the device again, the largest per-step cost Lightning added to a training step.
+        self.log("train/acc", self.train_acc, prog_bar=True)
+        if self.adv.enabled:
+            self.log("train/adv_acc", self.train_adv_acc)
 
     def adversarial_examples(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """L-inf PGD (foolbox) around ``x`` against the true or the predicted label.
@@ -167,12 +172,14 @@ class KWTAClassifier(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        logits = self(x)
-        self.val_acc(logits, y)
+        if batch_idx == 0:
+            logits, fractions = self.forward_with_active_fractions(x)
+            self.log_dict(fractions)
+        else:
+            logits = self(x)
+        self.val_acc.update(logits, y)
         self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
-        if batch_idx == 0:
-            self.log_dict(self.active_fractions(x))
 
     def on_validation_epoch_end(self) -> None:
         self.val_acc_best(self.val_acc.compute())
@@ -181,7 +188,7 @@ class KWTAClassifier(L.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        self.test_acc(logits, y)
+        self.test_acc.update(logits, y)
         self.log("test/loss", F.cross_entropy(logits, y))
         self.log("test/acc", self.test_acc)
 
@@ -236,10 +243,15 @@ class KWTAClassifier(L.LightningModule):
         if hp.compile:
             self.net.compile()
 
-    @torch.no_grad()
-    def active_fractions(self, x: torch.Tensor) -> dict[str, float]:
-        """Measured fraction of nonzero outputs of each k-WTA layer on a batch, and their mean."""
-        outputs: dict[str, list[float]] = defaultdict(list)
+    def forward_with_active_fractions(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The logits on ``x``, and each k-WTA layer's measured fraction of nonzero outputs.
+
+        Measured on this forward pass, so logging them costs no extra one; ``active/mean`` is
+        the mean over layers.
+        """
+        outputs: dict[str, list[torch.Tensor]] = defaultdict(list)
         hooks = [
             layer.register_forward_hook(
                 lambda _m, _i, out, name=name: outputs[name].append((out != 0).float().mean())
@@ -247,14 +259,14 @@ class KWTAClassifier(L.LightningModule):
             for name, layer in kwta_layers(self.net).items()
         ]
         try:
-            self(x)
+            logits = self(x)
         finally:
             for hook in hooks:
                 hook.remove()
         fractions = {f"active/{n}": torch.stack(v).mean().item() for n, v in outputs.items()}
         if fractions:
             fractions["active/mean"] = sum(fractions.values()) / len(fractions)
-        return fractions
+        return logits, fractions
 
     def configure_optimizers(self):
         optimizer = instantiate(self.hparams.optimizer or DEFAULT_OPTIMIZER)(self.parameters())

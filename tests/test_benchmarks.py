@@ -88,6 +88,8 @@ def test_lightning_overhead_compares_both_loops_on_the_same_epoch(capsys):
     assert result["images_per_epoch"] == 16
     assert result["plain_images_per_s"] > 0 and result["lightning_images_per_s"] > 0
     assert "plain loop" in capsys.readouterr().out
+    on_device = ["data.train_subset=16", "data.batch_size=8", "data.on_device=true"]
+    assert overhead.main([*on_device, "--repeats", "1"])["images_per_epoch"] == 16
     with pytest.raises(SystemExit) as exit_info:
         overhead.main(["trainer.precision=16-mixed"])
     assert exit_info.value.code == 2
