@@ -141,12 +141,13 @@ def test_unknown_norm_and_reduced_autoattack_are_refused():
         compose_attacks(["attack.autoattack.version=custom"], "autoattack")
 
 
+@pytest.mark.parametrize("inplace", [False, True])  # torchvision's swapped ReLUs are in place
 @pytest.mark.parametrize("surrogate", ["relu", "soft_kwta"])
-def test_bpda_forward_is_kwta_and_backward_is_the_surrogate(surrogate):
+def test_bpda_forward_is_kwta_and_backward_is_the_surrogate(surrogate, inplace):
     torch.manual_seed(0)
     x = torch.randn(4, 20, requires_grad=True)
-    layer = BPDALayer(KWTA(0.2), surrogate, temperature=0.1)
-    out = layer(x)
+    layer = BPDALayer(KWTA(0.2, inplace=inplace), surrogate, temperature=0.1)
+    out = layer(x * 1)
     assert torch.equal(out, kwta_layerwise(x, 0.2))
     (grad,) = torch.autograd.grad(out.sum(), x)
     if surrogate == "relu":

@@ -102,7 +102,9 @@ class BPDALayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         smooth = F.relu(x) if self.surrogate == "relu" else self._soft_kwta(x)
-        return smooth + (self.kwta(x) - smooth).detach()
+        with torch.no_grad():  # on a copy: the k-WTA layer may write into its input (in place)
+            hard = self.kwta(x.clone())
+        return smooth + (hard - smooth).detach()
 
     def _soft_kwta(self, x: torch.Tensor) -> torch.Tensor:
         """x * sigmoid((x - threshold) / (temperature * spread)), threshold and spread detached."""
