@@ -227,8 +227,8 @@ def test_compiled_kwta_network_trains_like_eager():
         torch.testing.assert_close(traced, eager)
 
 
-@pytest.mark.slow
-def test_train_cli_runs_kwta_with_bf16_mixed(tmp_path):
+def train_tiny_kwta(tmp_path, override: str):
+    """train.py on fake data with a tiny k-WTA CNN and one more override; returns the result."""
     result = run_cli(
         "data=fake",
         "model=cnn",
@@ -236,31 +236,24 @@ def test_train_cli_runs_kwta_with_bf16_mixed(tmp_path):
         "gamma=0.2",
         "debug=fdr",
         "logger=csv",
-        "trainer.precision=bf16-mixed",
+        override,
         f"hydra.run.dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["act"] == "kwta"
-    assert 0.0 <= metrics["test_acc"] <= 1.0
+    assert metrics["act"] == "kwta" and 0.0 <= metrics["test_acc"] <= 1.0
+    return result
+
+
+@pytest.mark.slow
+def test_train_cli_runs_kwta_with_bf16_mixed(tmp_path):
+    train_tiny_kwta(tmp_path, "trainer.precision=bf16-mixed")
 
 
 @pytest.mark.slow
 def test_train_cli_runs_kwta_with_model_compile(tmp_path, monkeypatch):
     # Inductor, as train.py runs it; the logs show the network was compiled and traced whole.
     monkeypatch.setenv("TORCH_LOGS", "graph_breaks,recompiles")
-    result = run_cli(
-        "data=fake",
-        "model=cnn",
-        "act=kwta",
-        "gamma=0.2",
-        "debug=fdr",
-        "logger=csv",
-        "model.compile=true",
-        f"hydra.run.dir={tmp_path}",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = train_tiny_kwta(tmp_path, "model.compile=true")
     assert "Recompiling function" in result.stderr  # the no-grad validation pass
     assert "Graph break" not in result.stderr
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["act"] == "kwta" and 0.0 <= metrics["test_acc"] <= 1.0
