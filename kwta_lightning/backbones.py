@@ -58,23 +58,27 @@ class Normalize(nn.Module):
 
 
 class SmallCNN(nn.Sequential):
-    """Two conv blocks and a two-layer head: a fast model for MNIST-sized work."""
+    """Two conv blocks and a two-layer head: a fast model for MNIST-sized work.
+
+    Its ReLUs follow batch norms and run in place, as torchvision's do (so the k-WTA layers
+    swapped in for them do too).
+    """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32) -> None:
         super().__init__(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
             nn.BatchNorm2d(width),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
             nn.BatchNorm2d(2 * width),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
             nn.AdaptiveAvgPool2d(4),
             nn.Flatten(),
             nn.Linear(2 * width * 16, 4 * width, bias=False),
             nn.BatchNorm1d(4 * width),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Linear(4 * width, num_classes),
         )
 
