@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.utils.cpp_extension
 
 from kwta_lightning import kwta_select
 from kwta_lightning.activations import (
@@ -47,6 +48,21 @@ def values_and_grad(fn, x: torch.Tensor, gamma: float, grad_out: torch.Tensor):
 def test_the_cpu_kernel_builds_here():
     # Without a compiler the layers fall back to torch.topk with a warning; CI must have one.
     assert cpu_kernel() is not None
+
+
+def test_without_the_kernel_a_warning_says_so_and_topk_runs(monkeypatch, caplog):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'kwta_lightning_cpu'\nc++: not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    cpu_kernel.cache_clear()
+    try:
+        assert cpu_kernel() is None
+        x = tied(LARGE, torch.float32).detach()
+        torch.testing.assert_close(KWTA(0.1)(x), kwta_layerwise_topk(x, 0.1), rtol=0, atol=0)
+    finally:
+        cpu_kernel.cache_clear()  # the next call loads the cached build again
+    assert "k-WTA CPU kernel unavailable (RuntimeError: Error building extension" in caplog.text
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
