@@ -19,8 +19,8 @@ torch's topk (``act=kwta_torch``, for benchmarks):
   float bits and masks the row while it is still in cache, on PyTorch's thread pool. It is
   compiled with torch's extension builder on first use (about 30 s, once per machine: torch
   caches the build). With the masking included it is 1.5-8x faster than topk alone from 16,384
-  units per row up, and ties it at 1,024 (``benchmarks/kwta_selection.py``). When it cannot be built (no C++ compiler), a warning says
-  so and torch's runs instead.
+  units per row up, and ties it at 1,024 (``benchmarks/kwta_selection.py``). When it cannot be
+  built (no C++ compiler), a warning says so and torch's runs instead.
 * torch's, everywhere else (CUDA, float64, other layouts): ``torch.topk(sorted=False)`` for the
   threshold, then one compare and a ``where``. On CPU it beat ``kthvalue``, a sample-then-count
   bracket and a ``bincount`` histogram in eager PyTorch; on CUDA topk is itself a radix select.
