@@ -218,6 +218,15 @@ class ImageDataModule(L.LightningDataModule):
         if name not in DATASETS and name != "fake":
             known = ", ".join([*DATASETS, "fake"])
             raise ConfigError(f"unknown data set {name!r}; known: {known}")
+        switches = {
+            "augment": augment,
+            "resize": resize,
+            "download": download,
+            "on_device": on_device,
+        }
+        for key, value in switches.items():
+            if not isinstance(value, bool):  # a string like "maybe" would count as true
+                raise ConfigError(f"data.{key} must be true or false, got {value!r}")
         self.save_hyperparameters(logger=False)
         self.name, self.root = name, Path(root)
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size

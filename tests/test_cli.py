@@ -20,6 +20,7 @@ QUICK = ["data=fake", "debug=fdr", "logger=csv"]
         (["model=classifier", "model.backbone=resnet19"], "unknown model 'resnet19'"),
         (["act.name=gelu"], "unknown activation 'gelu'"),
         (["ckpt_path=missing.ckpt"], "ckpt_path missing.ckpt does not exist"),
+        (["data.on_device=maybe"], "data.on_device must be true or false, got 'maybe'"),
     ],
 )
 def test_bad_config_values_fail_with_one_line(tmp_path, overrides, message):
