@@ -190,7 +190,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model = build_model(ckpt)
         for p in model.parameters():
             p.requires_grad_(False)
-        xs, ys = choose_samples(build_data(ckpt, cfg.paths.data_dir), cfg.n_inputs, cfg.seed)
+        xs, ys, _ = choose_samples(build_data(ckpt, cfg.paths.data_dir), cfg.n_inputs, cfg.seed)
         grids, per_input = [], []
         for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
             x, y = x[None], y[None]

@@ -1,23 +1,23 @@
-"""The evaluation report: report.json, report.md, robust_accuracy.png, examples.png, the console
-tables, and the same on W&B beside the training run."""
+"""The evaluation report: report.json, outcomes.json, report.md, robust_accuracy.png,
+examples.png, the console tables, and the same on W&B beside the training run. The verdict comes
+first everywhere: it is the number to quote."""
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from kwta_lightning.attacks.evaluate import Evaluation  # noqa: E402
-from kwta_lightning.loggers import wandb_mode  # noqa: E402
+from kwta_lightning.attacks.base import AttackResult
+from kwta_lightning.attacks.evaluate import Evaluation
+from kwta_lightning.attacks.store import outcomes
+from kwta_lightning.loggers import wandb_mode
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ COLUMNS = (
     "norm",
     "eps",
     "robust_acc",
+    "n_robust",
     "success_rate",
     "median_norm",
     "wall_time_s",
@@ -77,6 +78,7 @@ def _row_cells(row: Mapping[str, Any]) -> list[str]:
         row["norm"],
         _fmt(row["eps"]),
         _pct(row["robust_acc"]),
+        str(row["n_robust"]),
         _pct(row["success_rate"]),
         _fmt(row["median_norm"]),
         _fmt(row["wall_time_s"]),
@@ -84,33 +86,48 @@ def _row_cells(row: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def verdict_lines(summary: Mapping[str, Any]) -> list[str]:
+    """One line per norm and eps: the worst case to quote, and whether masking is suspected."""
+    lines = []
+    for v in summary["verdict"]:
+        masking = "MASKING SUSPECTED" if v["masking_suspected"] else "no sign of masking"
+        lines.append(
+            f"{v['norm']} eps={_fmt(v['eps'])}: robust accuracy {_pct(v['robust_acc'])} "
+            f"({v['n_robust']}/{v['n']}, worst case over {len(v['attacks'])} attacks, strongest "
+            f"{v['strongest_attack']}); {masking}"
+        )
+        lines += [f"    - {reason}" for reason in v["reasons"]]
+    return lines
+
+
 def markdown(summary: Mapping[str, Any]) -> str:
-    """report.md: what was attacked, the results table, the worst case, the diagnostics."""
+    """report.md: the verdict, what was attacked, the results table, the diagnostics."""
     gamma = "" if summary["gamma"] is None else f" gamma={summary['gamma']}"
+    state = "" if summary["complete"] else " (INCOMPLETE: the run stopped or is still running)"
     lines = [
-        f"# Robustness of {summary['model']} {summary['activation']}{gamma} on {summary['data']}",
+        f"# Robustness of {summary['model']} {summary['activation']}{gamma} on {summary['data']}"
+        + state,
+        "",
+        "## Verdict",
+        "",
+        *[
+            f"- {line.strip()}" if not line.startswith(" ") else f"  {line}"
+            for line in verdict_lines(summary)
+        ],
         "",
         f"Checkpoint: `{summary['checkpoint']}`  ",
         f"{summary['n_samples']} test images (seed {summary['seed']}), device {summary['device']}, "
         f"clean accuracy {_pct(summary['clean_acc'])}, {summary['wall_time_s']} s in all.",
         "",
+        "## Attacks",
+        "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + " --- |" * len(COLUMNS),
     ]
     lines += ["| " + " | ".join(_row_cells(r)) + " |" for r in summary["results"]]
-    lines += [
-        "",
-        "Worst case over the attacks run (per input: robust only if every attack fails):",
-        "",
-    ]
-    lines += ["| norm | eps | robust_acc | attacks |", "| --- | --- | --- | --- |"]
-    lines += [
-        f"| {w['norm']} | {_fmt(w['eps'])} | {_pct(w['robust_acc'])} | {', '.join(w['attacks'])} |"
-        for w in summary["worst_case"]
-    ]
-    lines += ["", "Diagnostics:", ""]
+    lines += ["", "## Diagnostics", ""]
     lines += [f"- **{d['status']}** {d['name']}: {d['detail']}" for d in summary["diagnostics"]]
-    lines += ["", "Attack hyper-parameters:", ""]
+    lines += ["", "## Attack hyper-parameters", ""]
     params = {r["attack"]: r["params"] for r in summary["results"]}
     lines += [f"- {name}: `{json.dumps(p)}`" for name, p in params.items()]
     return "\n".join(lines) + "\n"
@@ -119,42 +136,44 @@ def markdown(summary: Mapping[str, Any]) -> str:
 def plot_robust_accuracy(summary: Mapping[str, Any], path: Path) -> None:
     """Robust accuracy against eps, one line per attack and the worst case, one panel per norm."""
     norms = list(dict.fromkeys(r["norm"] for r in summary["results"]))
-    fig, axes = plt.subplots(1, len(norms), figsize=(6 * len(norms), 4.5), squeeze=False)
+    fig = Figure(figsize=(6 * len(norms), 4.5))
+    axes = fig.subplots(1, len(norms), squeeze=False)
     for ax, norm in zip(axes[0], norms, strict=True):
         rows = [r for r in summary["results"] if r["norm"] == norm]
         for attack in dict.fromkeys(r["attack"] for r in rows):
             points = sorted((r["eps"], r["robust_acc"]) for r in rows if r["attack"] == attack)
             ax.plot(*zip(*points, strict=True), marker="o", label=attack)
-        worst = sorted(
-            (w["eps"], w["robust_acc"]) for w in summary["worst_case"] if w["norm"] == norm
-        )
-        ax.plot(*zip(*worst, strict=True), "k--", marker="s", linewidth=2, label="worst case")
+        worst = sorted((v["eps"], v["robust_acc"]) for v in summary["verdict"] if v["norm"] == norm)
+        if worst:
+            ax.plot(*zip(*worst, strict=True), "k--", marker="s", linewidth=2, label="worst case")
         ax.axhline(summary["clean_acc"], color="grey", linewidth=0.8, label="clean")
         ax.set(xlabel=f"eps ({norm})", ylabel="robust accuracy", ylim=(-0.02, 1.02))
         ax.set_title(f"{summary['model']} {summary['activation']} on {summary['data']}, {norm}")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _image(x: torch.Tensor):
     return x[0] if x.shape[0] == 1 else x.permute(1, 2, 0)
 
 
-def plot_examples(evaluation: Evaluation, labels: torch.Tensor, path: Path) -> None:
+def plot_examples(
+    evaluation: Evaluation, results: Sequence[AttackResult], labels: torch.Tensor, path: Path
+) -> None:
     """Clean images, then each attack's adversarial images at its largest eps below 1.
 
     Titles are predictions, red when wrong."""
     chosen: dict[str, Any] = {}
-    for r in evaluation.results:
+    for r in results:
         best = chosen.get(r.attack)
         if best is None or (r.eps < 1 and (best.eps >= 1 or r.eps > best.eps)):
             chosen[r.attack] = r
     rows = [("clean", evaluation.clean_examples, evaluation.clean_preds)]
     rows += [(f"{a} eps={r.eps:g}", r.examples, r.example_preds) for a, r in chosen.items()]
     n = len(evaluation.clean_examples)
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.4 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(1.3 * n, 1.4 * len(rows)))
+    axes = fig.subplots(len(rows), n, squeeze=False)
     for i, (title, images, preds) in enumerate(rows):
         for j in range(n):
             ax = axes[i][j]
@@ -166,17 +185,31 @@ def plot_examples(evaluation: Evaluation, labels: torch.Tensor, path: Path) -> N
         axes[i][0].set_ylabel(title, fontsize=7, rotation=0, ha="right", va="center")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomically: a reader (or a kill) never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def write(
-    summary: Mapping[str, Any], evaluation: Evaluation, labels: torch.Tensor, out: Path
+    summary: Mapping[str, Any],
+    evaluation: Evaluation,
+    results: Sequence[AttackResult],
+    labels: torch.Tensor,
+    indices: Sequence[int],
+    out: Path,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(summary))
-    plot_robust_accuracy(summary, out / "robust_accuracy.png")
-    plot_examples(evaluation, labels, out / "examples.png")
+    _write_text(out / "report.json", json.dumps(summary, indent=2) + "\n")
+    per_input = outcomes(summary, indices, evaluation.clean_correct, results)
+    _write_text(out / "outcomes.json", json.dumps(per_input) + "\n")
+    _write_text(out / "report.md", markdown(summary))
+    if results:
+        plot_robust_accuracy(summary, out / "robust_accuracy.png")
+        plot_examples(evaluation, results, labels, out / "examples.png")
 
 
 def print_console(summary: Mapping[str, Any], out: Path) -> None:
@@ -188,13 +221,22 @@ def print_console(summary: Mapping[str, Any], out: Path) -> None:
         )
     for row in summary["results"]:
         table.add_row(*_row_cells(row))
-    for w in summary["worst_case"]:
+    for v in summary["verdict"]:
         table.add_row(
-            "worst_case", "", w["norm"], _fmt(w["eps"]), _pct(w["robust_acc"]), style="bold"
+            "worst_case",
+            "",
+            v["norm"],
+            _fmt(v["eps"]),
+            _pct(v["robust_acc"]),
+            str(v["n_robust"]),
+            style="bold",
         )
     console = Console()
     if not console.is_terminal:  # logs and pipes: the whole table, not 80 squeezed columns
         console = Console(width=160)
+    console.print("[bold]verdict[/bold]", highlight=False)
+    for line in verdict_lines(summary):
+        console.print(line, highlight=False, markup=False)
     console.print(table)
     for d in summary["diagnostics"]:
         colour = "green" if d["status"] == "pass" else "yellow"
@@ -217,17 +259,23 @@ def log_wandb(
         group=group or train["wandb_group"],
         job_type="attack",
         name=f"attack-{summary['model']}-{summary['activation']}-{summary['data']}",
-        config={
-            k: v for k, v in summary.items() if k not in ("results", "worst_case", "diagnostics")
-        }
+        config={k: v for k, v in summary.items() if k not in ("results", "verdict", "diagnostics")}
         | {"train_run_id": train["wandb_id"]},
         dir=str(out),
         mode=mode,
     )
     try:
         rows = [[r[c] for c in COLUMNS] for r in summary["results"]]
+        verdict_columns = ["norm", "eps", "robust_acc", "n_robust", "n", "masking_suspected"]
         run.log(
             {
+                "verdict": wandb.Table(
+                    columns=[*verdict_columns, "reasons"],
+                    data=[
+                        [v[c] for c in verdict_columns] + ["; ".join(v["reasons"])]
+                        for v in summary["verdict"]
+                    ],
+                ),
                 "results": wandb.Table(columns=list(COLUMNS), data=rows),
                 "diagnostics": wandb.Table(
                     columns=["name", "status", "detail"],
@@ -238,7 +286,8 @@ def log_wandb(
             }
         )
         run.summary["clean_acc"] = summary["clean_acc"]
-        for w in summary["worst_case"]:
-            run.summary[f"worst_case/{w['norm']}/eps={w['eps']}"] = w["robust_acc"]
+        for v in summary["verdict"]:
+            run.summary[f"verdict/{v['norm']}/eps={v['eps']}/robust_acc"] = v["robust_acc"]
+            run.summary[f"verdict/{v['norm']}/eps={v['eps']}/masking"] = v["masking_suspected"]
     finally:
         run.finish()

@@ -102,7 +102,7 @@ def robust_columns(report: dict[str, Any], path: Path) -> dict[str, float]:
             f"{r['attack']} {r['norm']} eps={r['eps']:g}": r["robust_acc"]
             for r in report["results"]
         }
-        columns |= {f"worst eps={w['eps']:g}": w["robust_acc"] for w in report["worst_case"]}
+        columns |= {f"worst eps={v['eps']:g}": v["robust_acc"] for v in report["verdict"]}
     except (KeyError, TypeError, ValueError) as err:
         raise KWTAError(f"{path} is not an attack report (bad or missing field {err})") from err
     return columns

@@ -15,18 +15,20 @@ from hydra.utils import instantiate
 from torch import nn
 
 from kwta_lightning.activations import KWTA, kwta_layerwise
-from kwta_lightning.attacks.adaptive import EOTPGD, BPDALayer, replace_kwta
+from kwta_lightning.attacks.adaptive import NESPGD, BPDALayer, replace_kwta
 from kwta_lightning.attacks.base import margin_loss, perturbation_norms
-from kwta_lightning.attacks.diagnostics import run_diagnostics
-from kwta_lightning.attacks.evaluate import evaluate, result_rows, worst_case
+from kwta_lightning.attacks.diagnostics import run_diagnostics, verdict
+from kwta_lightning.attacks.evaluate import Evaluator, evaluate, result_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 # Every attack config, cut to a few steps and queries so the whole set runs in seconds.
 TINY_ATTACKS = [
-    "attack.pgd.attack.steps=10",
-    "attack.pgd.attack.rel_stepsize=0.1",  # 10 steps of eps/10 reach the ball's edge
+    "attack.pgd.steps=10",
+    "attack.pgd.restarts=1",
+    "attack.apgd_ce.steps=10",
+    "attack.apgd_dlr.steps=10",
     "attack.deepfool.attack.steps=5",
     "attack.deepfool_l2.attack.steps=5",
     "attack.vga.steps=5",
@@ -37,10 +39,12 @@ TINY_ATTACKS = [
     "attack.hsj.attack.steps=2",
     "attack.hsj.attack.initial_gradient_eval_steps=10",
     "attack.hsj.attack.max_gradient_eval_steps=20",
-    "attack.eot_pgd.steps=10",
-    "attack.eot_pgd.samples=10",
+    "attack.nes_pgd.steps=10",
+    "attack.nes_pgd.samples=10",
+    "attack.nes_pgd.rel_stepsize=0.25",
     "attack.bpda.attack.steps=10",
-    "attack.bpda.attack.rel_stepsize=0.1",
+    "attack.bpda.temperatures=[0.1,0.5]",
+    "attack.bpda_relu.attack.steps=10",
     "attack.transfer.attack.steps=10",
     "attack.transfer.attack.rel_stepsize=0.1",
     "attack.square.n_queries=20",
@@ -100,8 +104,9 @@ def test_the_test_models_learn_the_patches(relu_net, kwta_net):
 
 
 def test_every_attack_stays_in_bounds_and_worst_case_is_below_each(relu_net):
-    attacks = compose_attacks([])
-    assert len(attacks) == 13  # the default list: every config in conf/attack/
+    every = sorted(p.stem for p in (ROOT / "conf" / "attack").glob("*.yaml"))
+    attacks = compose_attacks([], ",".join(every))
+    assert len(attacks) == len(every) == 16
     x, y = patches(16)
     epsilons = {"linf": [0.0, 0.3], "l2": [0.0, 2.0]}
     for attack in attacks.values():
@@ -113,14 +118,18 @@ def test_every_attack_stays_in_bounds_and_worst_case_is_below_each(relu_net):
             assert perturbation_norms(out.x_adv, x, attack.norm).max() <= eps + 1e-5, attack.name
 
     evaluation = evaluate(relu_net, x, y, attacks, epsilons, batch_size=8, device=CPU)
-    rows = result_rows(evaluation, {})
+    rows = result_rows(evaluation.results, evaluation.clean_correct, {})
     clean = evaluation.clean_correct.float().mean().item()
     for row in rows:
         if row["eps"] == 0:
             assert row["robust_acc"] == clean, row["attack"]
-    worst = {(w["norm"], w["eps"]): w["robust_acc"] for w in worst_case(evaluation)}
-    for row in rows:
-        assert worst[(row["norm"], row["eps"])] <= row["robust_acc"], row["attack"]
+    worst = verdict(evaluation.results, evaluation.clean_correct, [])
+    for v in worst:  # per input: robust in the worst case only if robust under every attack
+        for r in evaluation.results:
+            if (r.norm, r.eps) == (v["norm"], v["eps"]):
+                assert v["n_robust"] <= int(r.robust.sum()), r.attack
+        here = [r.robust for r in evaluation.results if (r.norm, r.eps) == (v["norm"], v["eps"])]
+        assert v["n_robust"] == int(torch.stack(here).all(0).sum())
         # images_per_s: the inputs attacked at that eps over that eps's (rounded) wall time
         assert row["images_per_s"] > 0, row["attack"]
         seconds = len(x) / row["images_per_s"]
@@ -136,7 +145,7 @@ def test_every_attack_stays_in_bounds_and_worst_case_is_below_each(relu_net):
 
 def test_unknown_norm_and_reduced_autoattack_are_refused():
     with pytest.raises(Exception, match="norm must be one of linf, l2"):
-        compose_attacks(["attack.pgd.norm=l3"], "pgd")
+        compose_attacks(["attack.fgsm.norm=l3"], "fgsm")
     with pytest.raises(Exception, match="a reduced AutoAttack is not AutoAttack"):
         compose_attacks(["attack.autoattack.version=custom"], "autoattack")
 
@@ -163,28 +172,32 @@ def test_replace_kwta_swaps_every_kwta_layer_on_a_copy(kwta_net):
     assert isinstance(relu[2], nn.ReLU) and isinstance(kwta_net[2], KWTA)
 
 
-def test_eot_gradient_estimate_points_along_the_true_gradient():
+def test_nes_gradient_estimate_points_along_the_true_gradient():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
     x, y = torch.rand(2, 1, 4, 4) * 0.5 + 0.25, torch.tensor([0, 1])
-    attack = EOTPGD(samples=4000, sigma=0.01, chunk=500)
-    estimate = attack._estimate(model, x, y, torch.Generator().manual_seed(0))
+    attack = NESPGD(samples=4000, sigma=0.01, chunk=500)
+    attack.generator = torch.Generator().manual_seed(0)
+    estimate, _ = attack.gradient(model, x, y)
     x_grad = x.clone().requires_grad_(True)
     (true,) = torch.autograd.grad(margin_loss(model(x_grad), y).sum(), x_grad)
     cosine = nn.functional.cosine_similarity(estimate.flatten(1), true.flatten(1))
     assert (cosine > 0.9).all(), cosine
 
 
-def diagnose(model: nn.Module, attack_names: str) -> dict[str, str]:
+def diagnose(model: nn.Module, attack_names: str, eps: float = 0.3, n: int = 16):
+    """Statuses of the diagnostics, and the verdict at eps."""
     attacks = compose_attacks([], attack_names)
-    x, y = patches(16)
-    epsilons = {"linf": [0.0, 0.3], "l2": [2.0]}
-    evaluation = evaluate(model, x, y, attacks, epsilons, batch_size=16, device=CPU)
-    rows = result_rows(evaluation, {})
-    found = run_diagnostics(
-        model, x, y, evaluation, rows, attacks, 10, 16, CPU, 0.01, 20, 1e-8, 0.05
-    )
-    return {d.name: d.status for d in found}
+    x, y = patches(n)
+    evaluator = Evaluator(model, x, y, batch_size=n, device=CPU)
+    for attack in attacks.values():
+        evaluator.evaluation.results += evaluator.run(attack, [0.0, eps])
+    found, extra, _ = run_diagnostics(evaluator, attacks, {}, 10, 0.01, 20, 2, 1e-8, 0.05)
+    results = evaluator.evaluation.results + extra
+    (at_eps,) = [
+        v for v in verdict(results, evaluator.evaluation.clean_correct, found) if v["eps"] == eps
+    ]
+    return {d.name: d.status for d in found}, at_eps, results
 
 
 class HardStep(nn.Module):
@@ -195,14 +208,20 @@ class HardStep(nn.Module):
 
 
 def test_diagnostics_stay_quiet_on_a_plain_relu_net(relu_net):
-    statuses = diagnose(relu_net, "pgd,fgsm,square")
+    statuses, at_eps, _ = diagnose(relu_net, "pgd,fgsm,deepfool,square")
     assert {"unbounded_eps", "vanishing_gradient", "pgd_vs_fgsm/eps=0.3"} <= statuses.keys()
-    assert {"white_box_vs_black_box/linf/eps=0.3", "pgd_2x_steps/eps=0.3"} <= statuses.keys()
+    assert {"white_box_vs_adaptive/linf/eps=0.3", "pgd_convergence/eps=0.3"} <= statuses.keys()
     assert set(statuses.values()) == {"pass"}, statuses
+    assert at_eps["masking_suspected"] is False and at_eps["reasons"] == []
 
 
 def test_diagnostics_fire_on_a_model_that_masks_its_gradient(relu_net):
     masked = nn.Sequential(HardStep(), relu_net).eval()
-    statuses = diagnose(masked, "pgd,fgsm,square")
+    statuses, at_eps, results = diagnose(masked, "pgd,fgsm,square")
     assert statuses["unbounded_eps"] == "warn"
     assert statuses["vanishing_gradient"] == "warn"
+    assert statuses["white_box_vs_adaptive/linf/eps=0.3"] == "warn"  # Square beats PGD
+    assert at_eps["masking_suspected"] is True
+    assert any(r.startswith("white_box_vs_adaptive") for r in at_eps["reasons"])
+    pgd = next(r for r in results if r.attack == "pgd" and r.eps == 0.3)
+    assert at_eps["n_robust"] < int(pgd.robust.sum())  # the worst case is below PGD's

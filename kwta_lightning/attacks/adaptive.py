@@ -20,68 +20,82 @@ import torch.nn.functional as F
 from torch import nn
 
 from kwta_lightning.activations import KWTAChannel, kwta_layers, num_winners
-from kwta_lightning.attacks.base import Attack, AttackOutput, margin_loss, project
+from kwta_lightning.attacks.base import Attack, AttackOutput
 from kwta_lightning.attacks.checkpoint import build_model, load_checkpoint
 from kwta_lightning.attacks.library import FoolboxAttack
+from kwta_lightning.attacks.pgd import PGD, per_sample_loss
 from kwta_lightning.errors import ConfigError
 
 SURROGATES = ("relu", "soft_kwta")
 
 
-class EOTPGD(Attack):
-    """Linf PGD with sign steps on an antithetic-Gaussian estimate of the margin loss gradient.
-
-    Each step draws ``samples // 2`` noise directions u and uses
-    sum_u (L(x + sigma u) - L(x - sigma u)) u; inputs stop moving once misclassified. Steps are
-    ``rel_stepsize * eps``: Tramer et al.'s 0.01 at eps 8/255 is 0.32 eps, and an absolute 0.01
-    would need 30 steps just to reach MNIST's eps 0.3.
+class NESPGD(PGD):
+    """PGD on an antithetic-Gaussian estimate of the loss gradient (Ilyas et al. 2018; Tramer et
+    al. 2020 broke k-WTA with it): ``samples // 2`` noise directions u per step, the estimate
+    sum_u (L(x + sigma u) - L(x - sigma u)) u.
     """
 
     def __init__(
         self,
-        steps: int = 100,
-        rel_stepsize: float = 0.32,
         samples: int = 100,
         sigma: float = 8 / 255,
+        clamp_probes: bool = True,
+        tile: int = 1,
         chunk: int = 10,
+        steps: int = 100,
+        restarts: int = 1,
+        rel_stepsize: float = 0.25,
+        decay_at: Sequence[float] = (0.5, 0.75),
+        loss: str = "margin",
+        random_start: bool = False,
+        momentum: float = 0.0,
         seed: int = 0,
         kind: str = "adaptive",
         name: str = "",
     ) -> None:
-        super().__init__("linf", kind, name)
+        super().__init__(
+            steps,
+            restarts,
+            rel_stepsize,
+            decay_at,
+            loss,
+            random_start,
+            momentum,
+            seed,
+            "linf",
+            kind,
+            name,
+        )
         if samples < 2:
             raise ConfigError(f"attack {name}: samples must be >= 2, got {samples}")
-        self.steps, self.rel_stepsize, self.samples = steps, rel_stepsize, samples
-        self.sigma, self.chunk, self.seed = sigma, chunk, seed
+        self.samples, self.sigma, self.chunk = samples, sigma, chunk
+        self.clamp_probes, self.tile = clamp_probes, tile
 
     @torch.no_grad()
-    def attack(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
-    ) -> AttackOutput:
-        generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        x_adv = x.clone()
-        for _ in range(self.steps):
-            active = (margin_loss(model(x_adv), y) <= 0).nonzero().squeeze(1)
-            if len(active) == 0 or eps == 0:
-                break
-            grad = self._estimate(model, x_adv[active], y[active], generator)
-            step = x_adv[active] + self.rel_stepsize * eps * grad.sign()
-            x_adv[active] = project(step, x[active], eps, "linf")
-        return AttackOutput(x_adv)
-
-    def _estimate(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor:
+    def gradient(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         grad = torch.zeros_like(x)
         pairs = self.samples // 2
         for start in range(0, pairs, self.chunk):
             n = min(self.chunk, pairs - start)
-            u = torch.randn((n, *x.shape), generator=generator, device=x.device)
-            probes = torch.cat([x + self.sigma * u, x - self.sigma * u]).clamp(0, 1)
-            losses = margin_loss(model(probes.flatten(0, 1)), y.repeat(2 * n)).view(2, n, -1)
+            u = self.noise(n, x)
+            probes = torch.cat([x + self.sigma * u, x - self.sigma * u])
+            if self.clamp_probes:
+                probes = probes.clamp(0, 1)
+            logits = model(probes.flatten(0, 1))
+            losses = per_sample_loss(logits, y.repeat(2 * n), self.loss).view(2, n, -1)
             diff = (losses[0] - losses[1]).view(n, len(x), *[1] * (x.dim() - 1))
             grad += (diff * u).sum(0)
-        return grad
+        return grad, model(x).argmax(1)
+
+    def noise(self, n: int, x: torch.Tensor) -> torch.Tensor:
+        """n Gaussian directions per input, constant on tile x tile squares of pixels."""
+        t = self.tile
+        shape = (n, *x.shape[:-2], -(-x.shape[-2] // t), -(-x.shape[-1] // t))
+        u = torch.randn(shape, generator=self.generator, device=x.device)
+        u = u.repeat_interleave(t, -2).repeat_interleave(t, -1)
+        return u[..., : x.shape[-2], : x.shape[-1]]
 
 
 def replace_kwta(model: nn.Module, make: Callable[[nn.Module], nn.Module]) -> nn.Module:
@@ -118,13 +132,17 @@ class BPDALayer(nn.Module):
 
 
 class BPDA(Attack):
-    """A foolbox attack on the target whose k-WTA layers back-propagate through a surrogate."""
+    """PGD on the target whose k-WTA layers back-propagate through a surrogate.
+
+    With ``soft_kwta`` the surrogate's temperature is swept: each temperature's run attacks the
+    inputs that the earlier ones did not fool, so no single guess decides the result.
+    """
 
     def __init__(
         self,
-        attack: fb.Attack,
-        surrogate: str = "relu",
-        temperature: float = 0.1,
+        attack: PGD,
+        surrogate: str = "soft_kwta",
+        temperatures: Sequence[float] = (0.05, 0.1, 0.2, 0.5),
         kind: str = "adaptive",
         name: str = "",
     ) -> None:
@@ -134,20 +152,30 @@ class BPDA(Attack):
                 f"attack {name}: surrogate must be one of {', '.join(SURROGATES)}, "
                 f"got {surrogate!r}"
             )
-        self.inner = FoolboxAttack(attack, "linf", kind, name)
-        self.shares_epsilons = self.inner.shares_epsilons
-        self.surrogate, self.temperature = surrogate, temperature
-
-    def run(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: Sequence[float]
-    ) -> list[AttackOutput]:
-        bpda = replace_kwta(model, lambda k: BPDALayer(k, self.surrogate, self.temperature))
-        return self.inner.run(bpda, x, y, epsilons)
+        if surrogate == "soft_kwta" and (not temperatures or min(temperatures) <= 0):
+            raise ConfigError(
+                f"attack {name}: temperatures must be a non-empty list of numbers > 0, "
+                f"got {list(temperatures)}"
+            )
+        self.inner, self.surrogate = attack, surrogate
+        self.temperatures = list(temperatures) if surrogate == "soft_kwta" else [1.0]
 
     def attack(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     ) -> AttackOutput:
-        return self.run(model, x, y, [eps])[0]
+        x_best = x.clone()
+        todo = torch.arange(len(x), device=x.device)
+        temperatures = self.temperatures if kwta_layers(model) else self.temperatures[:1]
+        for temperature in temperatures:
+            if len(todo) == 0:
+                break
+            bpda = replace_kwta(model, lambda k, t=temperature: BPDALayer(k, self.surrogate, t))
+            x_adv = self.inner.attack(bpda, x[todo], y[todo], eps).x_adv
+            with torch.no_grad():
+                fooled = model(x_adv).argmax(1) != y[todo]
+            x_best[todo[fooled]] = x_adv[fooled]
+            todo = todo[~fooled]
+        return AttackOutput(x_best)
 
 
 class Transfer(Attack):

@@ -28,6 +28,23 @@ class AttackOutput:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class AttackResult:
+    """One attack at one eps over all evaluated inputs: per-input outcomes (``robust``: correct
+    clean and after the attack), perturbation sizes, and the first inputs for the examples plot."""
+
+    attack: str
+    norm: str
+    kind: str
+    eps: float
+    robust: torch.Tensor
+    norms: torch.Tensor
+    extra: dict[str, torch.Tensor]
+    wall_time_s: float
+    examples: torch.Tensor
+    example_preds: torch.Tensor
+
+
 class Attack(ABC):
     """An attack with a norm and a kind; ``name`` is its key in the config.
 

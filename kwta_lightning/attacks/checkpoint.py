@@ -79,13 +79,15 @@ def build_data(ckpt: dict[str, Any], root: str) -> ImageDataModule:
 
 def choose_samples(
     data: ImageDataModule, n_samples: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded random choice of ``n_samples`` test images (pixels in [0, 1]) and labels."""
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """A seeded random choice of ``n_samples`` test images (pixels in [0, 1]), their labels and
+    their indices in the test set."""
     test = data.test_set
     if not 0 < n_samples <= len(test):
         raise ConfigError(
             f"n_samples must lie in [1, {len(test)}] for {data.name}, got {n_samples}"
         )
     order = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n_samples]
-    images, labels = zip(*(test[i] for i in order.tolist()), strict=True)
-    return torch.stack(images), torch.tensor(labels)
+    indices = order.tolist()
+    images, labels = zip(*(test[i] for i in indices), strict=True)
+    return torch.stack(images), torch.tensor(labels), indices

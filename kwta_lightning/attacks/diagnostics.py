@@ -1,25 +1,32 @@
 """Checks that tell real robustness from a masked gradient (Carlini et al. 2019, "On Evaluating
 Adversarial Robustness"; Pintor et al. 2022, "Indicators of Attack Failure").
 
-Each check is ``pass`` or ``warn`` with a one-line reason; a check that does not apply (say, no
-FGSM was run) is left out. Differences smaller than ``tolerance`` (and than one input) pass.
+Each check is ``pass`` or ``warn`` with a one-line reason, scoped to a norm and eps where it is
+about one (``None``: about the whole evaluation); a check that does not apply (say, no FGSM was
+run) is left out. Two accuracies differ only when they differ by more than ``tolerance`` of the
+inputs and by more than one input; the comparison is on counts of inputs, never on floats.
+
+Some checks run attacks of their own (PGD at eps 1, PGD with more steps); their per-input outcomes
+count towards the verdict's worst case like any other attack's.
 """
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import foolbox as fb
 import torch
 from torch import nn
 
-from kwta_lightning.attacks.base import Attack, margin_loss
-from kwta_lightning.attacks.evaluate import Evaluation, run_attack
-from kwta_lightning.attacks.library import FoolboxAttack
+from kwta_lightning.attacks.base import Attack, AttackResult, margin_loss
+from kwta_lightning.attacks.evaluate import Evaluator
+from kwta_lightning.attacks.pgd import PGD
 
 WHITE_BOX = ("gradient",)
-WEAKER_KNOWLEDGE = ("black_box", "transfer")
+NOT_WHITE_BOX = ("adaptive", "black_box", "transfer")
+DEEPFOOL = ("deepfool", "deepfool_l2")
+AT_EPS = 0.99  # a DeepFool perturbation this close to eps counts as "at eps"
+MAX_AT_EPS_SHARE = 0.5  # more than this share of DeepFool's successes at eps: a masking signature
 
 
 @dataclass
@@ -27,92 +34,162 @@ class Diagnostic:
     name: str
     status: str  # "pass" or "warn"
     detail: str
+    norm: str | None = None
+    eps: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _check(name: str, ok: bool, passed: str, warned: str) -> Diagnostic:
-    return Diagnostic(name, "pass" if ok else "warn", passed if ok else warned)
+def _check(
+    name: str, ok: bool, passed: str, warned: str, norm: str | None = None, eps: float | None = None
+) -> Diagnostic:
+    return Diagnostic(name, "pass" if ok else "warn", passed if ok else warned, norm, eps)
 
 
-def unbounded(accuracy: float, num_classes: int, steps: int) -> Diagnostic:
+class Counts:
+    """Robust counts of results over ``n`` inputs, and when one count is really below another."""
+
+    def __init__(self, n: int, tolerance: float) -> None:
+        self.n, self.slack = n, max(tolerance * n, 1.0)
+
+    def below(self, a: int, b: int) -> bool:
+        """Whether count a is below count b by more than the tolerance and one input."""
+        return b - a > self.slack
+
+
+def _count(result: AttackResult) -> int:
+    return int(result.robust.sum())
+
+
+def _pct(count: int, n: int) -> str:
+    return f"{count / n:.1%}"
+
+
+def unbounded(result: AttackResult, num_classes: int, steps: int) -> Diagnostic:
+    n, count = len(result.robust), _count(result)
     chance = 1 / num_classes
     return _check(
         "unbounded_eps",
-        accuracy <= chance,
-        f"PGD at eps=1 ({steps} steps, clean start) leaves {accuracy:.1%} <= chance {chance:.1%}",
-        f"PGD at eps=1 ({steps} steps, clean start) leaves {accuracy:.1%} > chance {chance:.1%}: "
+        count <= chance * n,
+        f"PGD at eps=1 ({steps} steps) leaves {_pct(count, n)} <= chance {chance:.1%}",
+        f"PGD at eps=1 ({steps} steps) leaves {_pct(count, n)} > chance {chance:.1%}: "
         "the gradient does not lead anywhere (masking) or the attack is broken",
+        norm="linf",
     )
 
 
-def monotonic(rows: Sequence[dict[str, Any]], tolerance: float) -> list[Diagnostic]:
+def monotonic(results: Sequence[AttackResult], counts: Counts) -> list[Diagnostic]:
     out = []
-    for attack in dict.fromkeys(r["attack"] for r in rows):
-        accs = sorted((r["eps"], r["robust_acc"]) for r in rows if r["attack"] == attack)
-        if len(accs) < 2:
+    for attack in dict.fromkeys(r.attack for r in results):
+        mine = sorted((r.eps, _count(r), r.norm) for r in results if r.attack == attack)
+        if len(mine) < 2:
             continue
         rises = [
             (e0, e1)
-            for (e0, a0), (e1, a1) in zip(accs, accs[1:], strict=False)
-            if a1 > a0 + tolerance
+            for (e0, c0, _), (e1, c1, _) in zip(mine, mine[1:], strict=False)
+            if counts.below(c0, c1)
         ]
-        warned = f"robust accuracy rises from eps={rises[0][0]} to {rises[0][1]}" if rises else ""
-        passed = "robust accuracy does not rise with eps"
-        out.append(_check(f"monotonic/{attack}", not rises, passed, warned))
+        warned = (
+            f"{attack}'s robust accuracy rises from eps={rises[0][0]} to {rises[0][1]}"
+            if rises
+            else ""
+        )
+        out.append(
+            _check(
+                f"monotonic/{attack}",
+                not rises,
+                f"{attack}'s robust accuracy does not rise with eps",
+                warned + ": the attack does not find what it found at a smaller eps",
+                norm=mine[0][2],
+                eps=rises[0][1] if rises else None,
+            )
+        )
     return out
 
 
-def _acc(rows: Sequence[dict[str, Any]], attack: str, eps: float) -> float | None:
-    return next((r["robust_acc"] for r in rows if r["attack"] == attack and r["eps"] == eps), None)
+def _find(results: Sequence[AttackResult], attack: str, eps: float) -> AttackResult | None:
+    return next((r for r in results if r.attack == attack and r.eps == eps), None)
 
 
 def iterative_beats_single_step(
-    rows: Sequence[dict[str, Any]], tolerance: float
+    results: Sequence[AttackResult], counts: Counts
 ) -> list[Diagnostic]:
     out = []
-    for eps in sorted({r["eps"] for r in rows if r["attack"] == "pgd"}):
-        pgd, fgsm = _acc(rows, "pgd", eps), _acc(rows, "fgsm", eps)
+    for pgd in (r for r in results if r.attack == "pgd"):
+        fgsm = _find(results, "fgsm", pgd.eps)
         if fgsm is None:
             continue
+        p, f = _count(pgd), _count(fgsm)
         out.append(
             _check(
-                f"pgd_vs_fgsm/eps={eps}",
-                pgd <= fgsm + tolerance,
-                f"PGD {pgd:.1%} <= FGSM {fgsm:.1%}",
-                f"PGD {pgd:.1%} > FGSM {fgsm:.1%}: the iterative attack is weaker than one "
-                "step (masked or noisy gradient)",
+                f"pgd_vs_fgsm/eps={pgd.eps:g}",
+                not counts.below(f, p),
+                f"PGD {_pct(p, counts.n)} <= FGSM {_pct(f, counts.n)}",
+                f"PGD {_pct(p, counts.n)} > FGSM {_pct(f, counts.n)}: the iterative attack is "
+                "weaker than one step (masked or noisy gradient)",
+                pgd.norm,
+                pgd.eps,
             )
         )
     return out
 
 
-def white_box_beats_black_box(rows: Sequence[dict[str, Any]], tolerance: float) -> list[Diagnostic]:
+def white_box_beats_the_rest(results: Sequence[AttackResult], counts: Counts) -> list[Diagnostic]:
+    """Attacks that know less of the model than its gradient (adaptive: estimated or surrogate
+    gradients; black-box; transfer) must not beat the best white-box gradient attack."""
     out = []
-    for norm, eps in sorted({(r["norm"], r["eps"]) for r in rows}):
-        here = [r for r in rows if r["norm"] == norm and r["eps"] == eps]
-        white = [r for r in here if r["kind"] in WHITE_BOX]
-        weaker = [r for r in here if r["kind"] in WEAKER_KNOWLEDGE]
-        if not white or not weaker:
+    for norm, eps in sorted({(r.norm, r.eps) for r in results}):
+        here = [r for r in results if r.norm == norm and r.eps == eps]
+        white = [r for r in here if r.kind in WHITE_BOX]
+        other = [r for r in here if r.kind in NOT_WHITE_BOX]
+        if not white or not other:
             continue
-        best_white = min(white, key=lambda r: r["robust_acc"])
-        best_weaker = min(weaker, key=lambda r: r["robust_acc"])
-        w, b = best_white["robust_acc"], best_weaker["robust_acc"]
+        best_white, best_other = min(white, key=_count), min(other, key=_count)
+        w, b = _count(best_white), _count(best_other)
         out.append(
             _check(
-                f"white_box_vs_black_box/{norm}/eps={eps}",
-                b >= w - tolerance,
-                f"best white-box {best_white['attack']} {w:.1%} <= "
-                f"best black-box/transfer {best_weaker['attack']} {b:.1%}",
-                f"{best_weaker['attack']} ({best_weaker['kind']}) {b:.1%} beats the best "
-                f"white-box attack {best_white['attack']} {w:.1%}: gradient masking suspected",
+                f"white_box_vs_adaptive/{norm}/eps={eps:g}",
+                not counts.below(b, w),
+                f"best white-box {best_white.attack} {_pct(w, counts.n)} <= best adaptive, "
+                f"black-box or transfer {best_other.attack} {_pct(b, counts.n)}",
+                f"{best_other.attack} ({best_other.kind}) {_pct(b, counts.n)} beats the best "
+                f"white-box attack {best_white.attack} {_pct(w, counts.n)}: gradient masking",
+                norm,
+                eps,
             )
         )
     return out
 
 
-def input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def deepfool_at_eps(
+    results: Sequence[AttackResult], clean_correct: torch.Tensor
+) -> list[Diagnostic]:
+    """DeepFool steps to the nearest linearised boundary: on a smooth model its successes lie
+    inside the ball; when most sit on its edge, the linear model was wrong and only clipping to
+    eps (a large, blind step) fooled the model, a masking signature."""
+    out = []
+    for r in (r for r in results if r.attack in DEEPFOOL and r.eps > 0):
+        fooled = clean_correct & ~r.robust
+        if not fooled.any():
+            continue
+        share = (r.norms[fooled] >= AT_EPS * r.eps).float().mean().item()
+        median = r.norms[fooled].median().item()
+        out.append(
+            _check(
+                f"deepfool_at_eps/{r.attack}/eps={r.eps:g}",
+                share <= MAX_AT_EPS_SHARE,
+                f"{share:.0%} of {r.attack}'s successes lie at eps (median {median:.3g})",
+                f"{share:.0%} of {r.attack}'s successes lie at eps (median {median:.3g}): "
+                "its linear steps overshoot, the gradient does not describe the model",
+                r.norm,
+                r.eps,
+            )
+        )
+    return out
+
+
+def input_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample L2 norm of the margin loss's input gradient (margin: CE saturates when sure)."""
     x = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(margin_loss(model(x), y).sum(), x)
@@ -130,67 +207,153 @@ def vanishing_gradients(norms: torch.Tensor, threshold: float, max_share: float)
     )
 
 
-def more_steps(
-    rows: Sequence[dict[str, Any]], doubled: dict[float, float], steps: int, tolerance: float
-) -> list[Diagnostic]:
-    out = []
-    for eps, acc2 in sorted(doubled.items()):
-        acc = _acc(rows, "pgd", eps)
-        out.append(
+RunAttack = Callable[[Attack, list[float]], list[AttackResult]]
+
+
+def pgd_convergence(
+    pgd: PGD,
+    eps: Sequence[float],
+    first: Sequence[AttackResult],
+    run: RunAttack,
+    counts: Counts,
+    doublings: int,
+) -> tuple[list[Diagnostic], list[AttackResult]]:
+    """Double PGD's steps until the worst case over all runs so far stops falling.
+
+    Per eps: flat when a doubled run fools at most the tolerance of inputs that every shorter run
+    missed. A run that is still falling after ``doublings`` is reported as never flat: more steps
+    keep finding adversarial inputs, as they do when the gradient is masked.
+    """
+    diagnostics, extra = [], []
+    survivors = {r.eps: r.robust.clone() for r in first}
+    history = {r.eps: [(pgd.steps, _count(r))] for r in first}
+    todo = list(eps)
+    for k in range(1, doublings + 1):
+        if not todo:
+            break
+        longer = copy.copy(pgd)
+        longer.steps, longer.name = pgd.steps * 2**k, f"pgd_steps{pgd.steps * 2**k}"
+        results = run(longer, todo)
+        extra += results
+        still = []
+        for r in results:
+            before = int(survivors[r.eps].sum())
+            survivors[r.eps] &= r.robust
+            history[r.eps].append((longer.steps, int(survivors[r.eps].sum())))
+            if counts.below(int(survivors[r.eps].sum()), before):
+                still.append(r.eps)
+        todo = still
+    for e in eps:
+        trail = ", ".join(f"{s} steps {_pct(c, counts.n)}" for s, c in history[e])
+        diagnostics.append(
             _check(
-                f"pgd_2x_steps/eps={eps}",
-                acc2 >= acc - tolerance,
-                f"PGD {2 * steps} steps {acc2:.1%} vs {steps} steps {acc:.1%}",
-                f"PGD {2 * steps} steps {acc2:.1%} < {steps} steps {acc:.1%}: the optimisation "
-                "had not converged; use more steps",
+                f"pgd_convergence/eps={e:g}",
+                e not in todo,
+                f"flat: {trail} (worst case over the runs so far)",
+                f"still falling after {doublings} doublings: {trail}; the optimisation is "
+                "incomplete or the gradient is masked",
+                "linf",
+                e,
             )
         )
-    return out
+    return diagnostics, extra
+
+
+def library_checks(warnings: Sequence[str]) -> list[Diagnostic]:
+    """The reference AutoAttack's own checks (randomness, logits range, zero gradients, Square
+    beating APGD, ...), which it only logs."""
+    return [Diagnostic("autoattack_checks", "warn", " ".join(w.split())) for w in warnings]
+
+
+def verdict(
+    results: Sequence[AttackResult],
+    clean_correct: torch.Tensor,
+    diagnostics: Sequence[Diagnostic],
+) -> list[dict[str, Any]]:
+    """Per norm and eps: the worst case over every attack run there (the diagnostics' own runs
+    included), and whether gradient masking is suspected, with the warnings that say so."""
+    groups: dict[tuple[str, float], list[AttackResult]] = {}
+    for r in results:
+        groups.setdefault((r.norm, r.eps), []).append(r)
+    rows = []
+    for (norm, eps), here in sorted(groups.items()):
+        robust = clean_correct.clone()
+        for r in here:
+            robust &= r.robust
+        reasons = [
+            f"{d.name}: {d.detail}"
+            for d in diagnostics
+            if d.status == "warn" and d.norm in (None, norm) and d.eps in (None, eps)
+        ]
+        strongest = min(here, key=_count)
+        rows.append(
+            {
+                "norm": norm,
+                "eps": eps,
+                "robust_acc": int(robust.sum()) / len(robust),
+                "n_robust": int(robust.sum()),
+                "n": len(robust),
+                "strongest_attack": strongest.attack,
+                "masking_suspected": bool(reasons),
+                "reasons": reasons,
+                "attacks": list(dict.fromkeys(r.attack for r in here)),
+            }
+        )
+    return rows
 
 
 def run_diagnostics(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    evaluation: Evaluation,
-    rows: Sequence[dict[str, Any]],
-    attacks: dict[str, Attack],
+    evaluator: Evaluator,
+    attacks: Mapping[str, Attack],
+    params: Mapping[str, Mapping[str, Any]],
     num_classes: int,
-    batch_size: int,
-    device: torch.device,
     tolerance: float,
     unbounded_steps: int,
+    convergence_doublings: int,
     vanishing_threshold: float,
     max_vanishing_share: float,
-) -> list[Diagnostic]:
-    """Every diagnostic that applies to the attacks run; some run extra attacks."""
-    tolerance = max(tolerance, 1 / len(x) + 1e-9)
-    correct = evaluation.clean_correct
-
-    def accuracy(attack: Attack, eps: list[float]) -> list[float]:
-        results = run_attack(model, attack, x, y, eps, correct, batch_size, device, 0)
-        return [r.robust.float().mean().item() for r in results]
-
-    probe = fb.attacks.LinfPGD(steps=unbounded_steps, random_start=False)
-    (unbounded_acc,) = accuracy(FoolboxAttack(probe, name="pgd_unbounded"), [1.0])
-    diagnostics = [unbounded(unbounded_acc, num_classes, unbounded_steps)]
-    diagnostics += monotonic(rows, tolerance)
-    diagnostics += iterative_beats_single_step(rows, tolerance)
-    diagnostics += white_box_beats_black_box(rows, tolerance)
+) -> tuple[list[Diagnostic], list[AttackResult], dict[str, dict[str, Any]]]:
+    """Every diagnostic that applies to the attacks run, and the results and parameters of the
+    attacks the diagnostics ran at the evaluated radii (they count towards the worst case)."""
+    results = evaluator.evaluation.results
+    correct = evaluator.evaluation.clean_correct
+    counts = Counts(len(correct), tolerance)
+    probe = PGD(steps=unbounded_steps, random_start=False, name="pgd_unbounded")
+    (far,) = evaluator.run(probe, [1.0], {"steps": unbounded_steps})
+    diagnostics = [unbounded(far, num_classes, unbounded_steps)]
+    diagnostics += monotonic(results, counts)
+    diagnostics += iterative_beats_single_step(results, counts)
+    diagnostics += white_box_beats_the_rest(results, counts)
+    diagnostics += deepfool_at_eps(results, correct)
+    x, y, size = evaluator.x, evaluator.y, evaluator.batch_size
     norms = torch.cat(
         [
-            input_gradients(
-                model, x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-            )
-            for i in range(0, len(x), batch_size)
+            input_gradient_norms(
+                evaluator.model,
+                x[i : i + size].to(evaluator.device),
+                y[i : i + size].to(evaluator.device),
+            ).cpu()
+            for i in range(0, len(x), size)
         ]
     )
-    diagnostics.append(vanishing_gradients(norms.cpu(), vanishing_threshold, max_vanishing_share))
+    diagnostics.append(vanishing_gradients(norms, vanishing_threshold, max_vanishing_share))
+    extra: list[AttackResult] = []
+    extra_params: dict[str, dict[str, Any]] = {}
     pgd = attacks.get("pgd")
-    if isinstance(pgd, FoolboxAttack) and hasattr(pgd.fb_attack, "steps"):
-        longer = copy.copy(pgd.fb_attack)
-        longer.steps = 2 * pgd.fb_attack.steps
-        eps = sorted({r["eps"] for r in rows if r["attack"] == "pgd"})
-        doubled = dict(zip(eps, accuracy(FoolboxAttack(longer, name="pgd_2x"), eps), strict=True))
-        diagnostics += more_steps(rows, doubled, pgd.fb_attack.steps, tolerance)
-    return diagnostics
+    first = [r for r in results if r.attack == "pgd"]
+    if isinstance(pgd, PGD) and first and convergence_doublings > 0:
+        found, extra = pgd_convergence(
+            pgd,
+            [r.eps for r in first],
+            first,
+            lambda a, e: evaluator.run(a, e, {**params.get("pgd", {}), "steps": a.steps}),
+            counts,
+            convergence_doublings,
+        )
+        diagnostics += found
+        extra_params = {
+            r.attack: {**params.get("pgd", {}), "steps": int(r.attack[9:])} for r in extra
+        }
+    warnings = [w for a in attacks.values() for w in getattr(a, "warnings", [])]
+    diagnostics += library_checks(warnings)
+    return diagnostics, extra, extra_params

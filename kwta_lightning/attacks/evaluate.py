@@ -9,15 +9,14 @@ survives every attack of that norm at that eps. Throughput at an eps is the inpu
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from kwta_lightning.attacks.base import Attack, perturbation_norms, project
+from kwta_lightning.attacks.base import Attack, AttackResult, perturbation_norms, project
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +25,6 @@ BOUND_TOLERANCE = 1e-4  # float noise allowed beyond eps or [0, 1] before an out
 
 class AttackBoundsError(RuntimeError):
     """An attack returned inputs outside its eps ball or outside [0, 1] (a bug, not bad input)."""
-
-
-@dataclass
-class AttackResult:
-    """One attack at one eps: per-sample outcomes, and the first inputs for the examples plot."""
-
-    attack: str
-    norm: str
-    kind: str
-    eps: float
-    robust: torch.Tensor
-    norms: torch.Tensor
-    extra: dict[str, torch.Tensor]
-    wall_time_s: float
-    examples: torch.Tensor
-    example_preds: torch.Tensor
 
 
 @dataclass
@@ -91,14 +74,15 @@ def run_attack(
     batch_size: int,
     device: torch.device,
     n_examples: int,
-    progress: Progress | None = None,
+    on_batch: Callable[[int, float], None] | None = None,
 ) -> list[AttackResult]:
-    """The attack over all inputs at every eps, batch by batch.
+    """The attack over all inputs at every eps, batch by batch; ``on_batch(images done, seconds
+    so far)`` after each batch.
 
     An eps's wall time sums its calls of the attack and the bounds check (not the robust accuracy
     check); an attack that shares one run across epsilons gives every eps that run's time.
     """
-    task = progress.add_task(attack.name, total=len(x)) if progress else None
+    started_attack = time.perf_counter()
     robust = [[] for _ in epsilons]
     norms = [[] for _ in epsilons]
     extras: list[dict[str, list[torch.Tensor]]] = [{} for _ in epsilons]
@@ -125,8 +109,8 @@ def run_attack(
                     extras[i].setdefault(key, []).append(value.detach().float().cpu())
                 if len(adv_first[i]) < n_examples:
                     adv_first[i] = torch.cat([adv_first[i], x_adv[:n_examples].cpu()])[:n_examples]
-        if progress:
-            progress.advance(task, len(yb))
+        if on_batch:
+            on_batch(start + len(yb), time.perf_counter() - started_attack)
     return [
         AttackResult(
             attack=attack.name,
@@ -144,13 +128,105 @@ def run_attack(
     ]
 
 
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("{task.description:>12}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class ProgressLog:
+    """Log lines to follow a long evaluation by, on a terminal and in a log file alike: one per
+    batch of a long attack and one per attack and eps, with the time so far and an estimate of
+    what is left (at the pace of the attacks done so far)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.started = total, 0, time.perf_counter()
+
+    def batch(self, attack: str, done: int, n: int, seconds: float) -> None:
+        if done < n:
+            left = seconds / done * (n - done)
+            log.info(
+                "%s: %d/%d images in %s, about %s left",
+                attack,
+                done,
+                n,
+                _duration(seconds),
+                _duration(left),
+            )
+
+    def finished(self, results: Sequence[AttackResult], reused: bool = False) -> None:
+        self.done += len(results)
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / self.done * max(self.total - self.done, 0)
+        for r in results:
+            how = "reused from the cache" if reused else f"{r.wall_time_s:.0f} s"
+            log.info(
+                "[%d/%d] %s %s eps=%g: robust %d/%d (%.1f%%), %s; %s elapsed, about %s left",
+                self.done,
+                self.total,
+                r.attack,
+                r.norm,
+                r.eps,
+                int(r.robust.sum()),
+                len(r.robust),
+                100 * r.robust.float().mean().item(),
+                how,
+                _duration(elapsed),
+                _duration(left),
+            )
+
+
+class Evaluator:
+    """One model and one set of inputs; runs attacks on them, through a cache when given one.
+
+    ``cache``: an object with ``load(name, key)`` and ``save(name, key, results)``;
+    ``key(attack, epsilons, params)`` names what the results depend on.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        device: torch.device,
+        n_examples: int = 8,
+        cache: Any = None,
+        key: Callable[[Attack, Sequence[float], Mapping[str, Any]], str] | None = None,
+        progress: ProgressLog | None = None,
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.x, self.y, self.batch_size, self.device = x, y, batch_size, device
+        self.n_examples, self.cache, self.key = n_examples, cache, key
+        self.progress = progress or ProgressLog(0)
+        clean_preds = predict(self.model, x, batch_size, device)
+        self.evaluation = Evaluation(clean_preds == y, clean_preds, x[:n_examples])
+
+    def run(
+        self, attack: Attack, epsilons: Sequence[float], params: Mapping[str, Any] | None = None
+    ) -> list[AttackResult]:
+        """The attack at every eps: from the cache when it finished before, else run and saved."""
+        key = self.key(attack, epsilons, params or {}) if self.key and self.cache else None
+        if key is not None and (results := self.cache.load(attack.name, key)) is not None:
+            self.progress.finished(results, reused=True)
+            return results
+        log.info("%s: %d images at eps %s", attack.name, len(self.x), list(epsilons))
+        results = run_attack(
+            self.model,
+            attack,
+            self.x,
+            self.y,
+            epsilons,
+            self.evaluation.clean_correct,
+            self.batch_size,
+            self.device,
+            self.n_examples,
+            lambda done, s: self.progress.batch(attack.name, done, len(self.x), s),
+        )
+        if key is not None:
+            self.cache.save(attack.name, key, results)
+        self.progress.finished(results)
+        return results
 
 
 def evaluate(
@@ -163,31 +239,11 @@ def evaluate(
     device: torch.device,
     n_examples: int = 8,
 ) -> Evaluation:
-    """Clean predictions, then every attack at every eps of its norm."""
-    model = model.to(device).eval()
-    clean_preds = predict(model, x, batch_size, device)
-    evaluation = Evaluation(clean_preds == y, clean_preds, x[:n_examples])
-    with progress_bar() as progress:
-        for attack in attacks.values():
-            results = run_attack(
-                model,
-                attack,
-                x,
-                y,
-                epsilons[attack.norm],
-                evaluation.clean_correct,
-                batch_size,
-                device,
-                n_examples,
-                progress,
-            )
-            accuracies = ", ".join(
-                f"eps={r.eps:g}: {r.robust.float().mean():.1%} ({r.wall_time_s:.0f} s)"
-                for r in results
-            )
-            log.info("%s robust accuracy %s", attack.name, accuracies)
-            evaluation.results += results
-    return evaluation
+    """Clean predictions, then every attack at every eps of its norm (no cache)."""
+    evaluator = Evaluator(model, x, y, batch_size, device, n_examples)
+    for attack in attacks.values():
+        evaluator.evaluation.results += evaluator.run(attack, epsilons[attack.norm])
+    return evaluator.evaluation
 
 
 def success_rate(robust: torch.Tensor, clean_correct: torch.Tensor) -> float | None:
@@ -195,18 +251,20 @@ def success_rate(robust: torch.Tensor, clean_correct: torch.Tensor) -> float | N
     return None if n == 0 else 1.0 - int(robust.sum()) / n
 
 
-def result_rows(evaluation: Evaluation, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+def result_rows(
+    results: Sequence[AttackResult], correct: torch.Tensor, params: Mapping[str, Any]
+) -> list[dict[str, Any]]:
     """The report's ``results``: one row per attack and eps."""
     rows = []
-    correct = evaluation.clean_correct
-    for r in evaluation.results:
+    for r in results:
         fooled = correct & ~r.robust
         row = {
             "attack": r.attack,
             "kind": r.kind,
             "norm": r.norm,
             "eps": r.eps,
-            "robust_acc": r.robust.float().mean().item(),
+            "robust_acc": int(r.robust.sum()) / len(r.robust),
+            "n_robust": int(r.robust.sum()),
             "success_rate": success_rate(r.robust, correct),
             "median_norm": r.norms[fooled].median().item() if fooled.any() else None,
             "wall_time_s": round(r.wall_time_s, 2),
@@ -216,25 +274,4 @@ def result_rows(evaluation: Evaluation, params: Mapping[str, Any]) -> list[dict[
         for key, value in r.extra.items():
             row[key] = value[correct].mean().item() if correct.any() else None
         rows.append(row)
-    return rows
-
-
-def worst_case(evaluation: Evaluation) -> list[dict[str, Any]]:
-    """Per norm and eps: the share of inputs that survive every attack run there."""
-    groups: dict[tuple[str, float], list[AttackResult]] = {}
-    for r in evaluation.results:
-        groups.setdefault((r.norm, r.eps), []).append(r)
-    rows = []
-    for (norm, eps), results in sorted(groups.items()):
-        robust = evaluation.clean_correct.clone()
-        for r in results:
-            robust &= r.robust
-        rows.append(
-            {
-                "norm": norm,
-                "eps": eps,
-                "robust_acc": robust.float().mean().item(),
-                "attacks": [r.attack for r in results],
-            }
-        )
     return rows

@@ -5,11 +5,13 @@ settings live in ``conf/attack/*.yaml``, next to their sources.
 """
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import foolbox as fb
 import torch
 from pyautoattack import AutoAttack as ReferenceAutoAttack
+from pyautoattack.autopgd_base import APGDAttack
 from pyautoattack.square import SquareAttack
 from torch import nn
 
@@ -17,7 +19,35 @@ from kwta_lightning.attacks.base import Attack, AttackOutput
 from kwta_lightning.errors import ConfigError
 
 AUTOATTACK_VERSIONS = ("standard", "rand")
+APGD_LOSSES = ("ce", "dlr")
 _LIBRARY_NORM = {"linf": "Linf", "l2": "L2"}
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() not in self.into:
+            self.into.append(record.getMessage())
+
+
+@contextmanager
+def collect_warnings(logger: logging.Logger, into: list[str]) -> Iterator[None]:
+    """The reference AutoAttack's checks (randomised model, logits range, zero gradients, Square
+    beating APGD, ...) only log a warning; collect them so they reach the report."""
+    handler = _Collect(into)
+    logger.addHandler(handler)
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 class FoolboxAttack(Attack):
@@ -78,11 +108,55 @@ class Square(Attack):
             n_restarts=self.n_restarts,
             seed=self.seed,
             loss="margin",
-            resc_schedule=True,
+            resc_schedule=False,  # as AutoAttack runs it
             device=x.device,
         )
         with torch.no_grad():
             return AttackOutput(square.perturb(x, y).detach())
+
+
+class APGD(Attack):
+    """APGD (Croce and Hein 2020), the reference implementation from AutoAttack: PGD whose step
+    adapts to the progress of the loss, with momentum and restarts; ``ce`` or ``dlr`` loss."""
+
+    def __init__(
+        self,
+        loss: str = "ce",
+        steps: int = 100,
+        restarts: int = 1,
+        seed: int = 0,
+        norm: str = "linf",
+        kind: str = "gradient",
+        name: str = "",
+    ) -> None:
+        super().__init__(norm, kind, name)
+        if loss not in APGD_LOSSES:
+            raise ConfigError(
+                f"attack {name}: loss must be one of {', '.join(APGD_LOSSES)}, got {loss!r}"
+            )
+        self.loss, self.steps, self.restarts, self.seed = loss, steps, restarts, seed
+        self.warnings: list[str] = []
+
+    def attack(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
+    ) -> AttackOutput:
+        if eps == 0:
+            return AttackOutput(x.clone())
+        logger = logging.getLogger(f"kwta_lightning.apgd.{self.name}")
+        apgd = APGDAttack(
+            model,
+            n_iter=self.steps,
+            norm=_LIBRARY_NORM[self.norm],
+            n_restarts=self.restarts,
+            eps=eps,
+            seed=self.seed,
+            loss=self.loss,
+            device=x.device,
+            logger=logger,
+        )
+        with collect_warnings(logger, self.warnings):
+            x_adv = apgd.perturb(x, y)
+        return AttackOutput(x_adv.detach())
 
 
 class AutoAttack(Attack):
@@ -108,6 +182,7 @@ class AutoAttack(Attack):
                 f"(a reduced AutoAttack is not AutoAttack), got {version!r}"
             )
         self.version, self.seed = version, seed
+        self.warnings: list[str] = []
 
     def attack(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
@@ -122,6 +197,6 @@ class AutoAttack(Attack):
             seed=self.seed,
             device=x.device,
         )
-        auto.logger.setLevel(logging.WARNING)
-        x_adv, _ = auto.run_standard_evaluation(x, y, batch_size=len(x))
+        with collect_warnings(auto.logger, self.warnings):
+            x_adv, _ = auto.run_standard_evaluation(x, y, batch_size=len(x))
         return AttackOutput(x_adv.detach())

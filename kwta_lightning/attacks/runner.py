@@ -2,6 +2,7 @@
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +12,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kwta_lightning import report
-from kwta_lightning.attacks.base import Attack
+from kwta_lightning.attacks.base import Attack, AttackResult
 from kwta_lightning.attacks.checkpoint import (
     build_data,
     build_model,
     choose_samples,
     load_checkpoint,
 )
-from kwta_lightning.attacks.diagnostics import run_diagnostics
-from kwta_lightning.attacks.evaluate import evaluate, result_rows, worst_case
+from kwta_lightning.attacks.diagnostics import Diagnostic, run_diagnostics, verdict
+from kwta_lightning.attacks.evaluate import Evaluator, ProgressLog, result_rows
+from kwta_lightning.attacks.store import ResultCache, file_sha256, result_key
 from kwta_lightning.console import print_config_tree
 from kwta_lightning.errors import ConfigError
 
@@ -54,7 +56,7 @@ def pick_device(name: str) -> torch.device:
 
 def build_attacks(cfg: DictConfig) -> dict[str, Attack]:
     if not cfg.get("attack"):
-        raise ConfigError("no attack selected; choose some, e.g. attack=[pgd,eot_pgd]")
+        raise ConfigError("no attack selected; choose some, e.g. attack=[pgd,nes_pgd]")
     return {name: instantiate(node, name=name) for name, node in cfg.attack.items()}
 
 
@@ -64,7 +66,7 @@ def attack_params(cfg: DictConfig) -> dict[str, dict[str, Any]]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.ckpt_path``; write and return the report."""
+    """Evaluate ``cfg.ckpt_path``; write the report after every attack and return the last."""
     started = time.perf_counter()
     print_config_tree(cfg)
     L.seed_everything(cfg.seed, workers=False)
@@ -75,31 +77,43 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "l2": radii(cfg.l2_eps, cfg.default_l2_eps, data_name, "l2_eps"),
     }
     attacks = build_attacks(cfg)
+    params = attack_params(cfg)
     device = pick_device(cfg.device)
     model = build_model(ckpt)
     data = build_data(ckpt, cfg.paths.data_dir)
-    x, y = choose_samples(data, cfg.n_samples, cfg.seed)
+    x, y, indices = choose_samples(data, cfg.n_samples, cfg.seed)
     log.info(
         "attacking %s on %d %s test images, eps %s", cfg.ckpt_path, len(x), data_name, epsilons
     )
+    sha = file_sha256(cfg.ckpt_path)
 
-    evaluation = evaluate(model, x, y, attacks, epsilons, cfg.batch_size, device, cfg.n_examples)
-    rows = result_rows(evaluation, attack_params(cfg))
-    diagnostics = run_diagnostics(
+    def key(attack: Attack, eps: Sequence[float], attack_params: Mapping[str, Any]) -> str:
+        return result_key(
+            attack=attack.name,
+            params=attack_params,
+            eps=list(eps),
+            indices=indices,
+            batch_size=cfg.batch_size,
+            device=device.type,
+        )
+
+    total = sum(len(epsilons[a.norm]) for a in attacks.values())
+    evaluator = Evaluator(
         model,
         x,
         y,
-        evaluation,
-        rows,
-        attacks,
-        data.num_classes,
         cfg.batch_size,
         device,
-        **cfg.diagnostics,
+        cfg.n_examples,
+        ResultCache(cfg.cache_dir, sha),
+        key,
+        ProgressLog(total),
     )
+    evaluation = evaluator.evaluation
     hparams = ckpt["hyper_parameters"]
     summary = {
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+        "checkpoint_sha256": sha,
         "training_run": report.training_run(cfg.ckpt_path),
         "data": data_name,
         "model": hparams["backbone"],
@@ -110,14 +124,31 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "device": str(device),
         "epsilons": epsilons,
         "clean_acc": evaluation.clean_correct.float().mean().item(),
-        "results": rows,
-        "worst_case": worst_case(evaluation),
-        "diagnostics": [d.as_dict() for d in diagnostics],
+        "complete": False,
+        "verdict": [],
+        "results": [],
+        "diagnostics": [],
         "wall_time_s": None,
     }
-    summary["wall_time_s"] = round(time.perf_counter() - started, 1)
     output_dir = Path(cfg.paths.output_dir)
-    report.write(summary, evaluation, y, output_dir)
+
+    def write(extra: Sequence[AttackResult] = (), diagnostics: Sequence[Diagnostic] = ()) -> None:
+        results = [*evaluation.results, *extra]
+        summary["results"] = result_rows(results, evaluation.clean_correct, params)
+        summary["verdict"] = verdict(results, evaluation.clean_correct, diagnostics)
+        summary["diagnostics"] = [d.as_dict() for d in diagnostics]
+        summary["wall_time_s"] = round(time.perf_counter() - started, 1)
+        report.write(summary, evaluation, results, y, indices, output_dir)
+
+    for name, attack in attacks.items():
+        evaluation.results += evaluator.run(attack, epsilons[attack.norm], params[name])
+        write()  # a killed run keeps every attack it finished
+    diagnostics, extra, extra_params = run_diagnostics(
+        evaluator, attacks, params, data.num_classes, **cfg.diagnostics
+    )
+    summary["complete"] = True
+    params |= extra_params
+    write(extra, diagnostics)
     report.print_console(summary, output_dir)
     report.log_wandb(summary, output_dir, **cfg.wandb)
     return summary
