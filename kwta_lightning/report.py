@@ -209,6 +209,7 @@ def write(
     _write_text(out / "report.md", markdown(summary))
     if results:
         plot_robust_accuracy(summary, out / "robust_accuracy.png")
+    if results and len(evaluation.clean_examples):  # merged reports keep no images
         plot_examples(evaluation, results, labels, out / "examples.png")
 
 

@@ -3,7 +3,10 @@
 import json
 import os
 import pickle
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,8 @@ import torch
 from kwta_lightning.attacks.checkpoint import CheckpointError, load_checkpoint
 from kwta_lightning.training import train
 from tests.helpers import compose_train, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SCHEMA_RESULT = {"attack", "norm", "eps", "robust_acc", "success_rate", "params"}
 
@@ -39,32 +44,52 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
+QUICK = [
+    "attack=[pgd,fgsm,square]",
+    "attack.pgd.steps=5",
+    "attack.pgd.restarts=1",
+    "attack.square.n_queries=20",
+    "n_samples=24",
+    "batch_size=16",
+    "eps=[0,0.1]",
+    "diagnostics.unbounded_steps=5",
+    "diagnostics.convergence_doublings=1",
+]
+
+
 @pytest.mark.slow
 def test_cli_writes_the_report_files_and_schema(checkpoint, tmp_path):
     result = run_attack_cli(
         f"ckpt_path={checkpoint}",
-        "attack=[pgd,fgsm,square]",
-        "attack.pgd.attack.steps=5",
-        "attack.square.n_queries=20",
-        "n_samples=24",
-        "batch_size=16",
-        "eps=[0,0.1]",
-        "diagnostics.unbounded_steps=5",
+        *QUICK,
+        f"cache_dir={tmp_path / 'cache'}",
         f"hydra.run.dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("report.json", "report.md", "robust_accuracy.png", "examples.png"):
+    for name in (
+        "report.json",
+        "outcomes.json",
+        "report.md",
+        "robust_accuracy.png",
+        "examples.png",
+    ):
         assert (tmp_path / name).is_file(), name
     assert list((tmp_path / "wandb").glob("offline-run-*")), "W&B ran offline in the run folder"
-    assert "worst_case" in result.stdout and "unbounded_eps" in result.stdout
+    assert "verdict" in result.stdout and "unbounded_eps" in result.stdout
+    # a log line per attack and eps, with the time left, also with stdout in a pipe
+    assert "[1/6] pgd linf eps=0: robust" in result.stdout + result.stderr
+    assert "left" in result.stdout + result.stderr
 
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["checkpoint"] == str(checkpoint)
     assert report["n_samples"] == 24 and report["data"] == "fake"
     assert report["epsilons"] == {"linf": [0.0, 0.1], "l2": [0.5]}
+    assert report["complete"] is True
     rows = report["results"]
     assert [(r["attack"], r["eps"]) for r in rows] == [
-        (a, e) for a in ("pgd", "fgsm", "square") for e in (0.0, 0.1)
+        *((a, e) for a in ("pgd", "fgsm", "square") for e in (0.0, 0.1)),
+        ("pgd_steps10", 0.0),  # the convergence check's doubled PGD
+        ("pgd_steps10", 0.1),
     ]
     for row in rows:
         assert row.keys() >= SCHEMA_RESULT
@@ -73,21 +98,102 @@ def test_cli_writes_the_report_files_and_schema(checkpoint, tmp_path):
         assert seconds == pytest.approx(row["wall_time_s"], rel=1e-3, abs=0.005)
         if row["eps"] == 0:
             assert row["robust_acc"] == report["clean_acc"]
-    assert rows[0]["params"]["attack"] == {
-        "_target_": "foolbox.attacks.LinfPGD",
-        "steps": 5,
-        "rel_stepsize": 0.0333333,
-        "random_start": True,
-    }
-    worst = {w["eps"]: w["robust_acc"] for w in report["worst_case"]}
-    assert all(worst[r["eps"]] <= r["robust_acc"] for r in rows)
+    assert rows[0]["params"]["steps"] == 5 and rows[0]["params"]["restarts"] == 1
+    assert rows[-1]["params"]["steps"] == 10
+    verdict = {v["eps"]: v for v in report["verdict"]}
+    assert all(verdict[r["eps"]]["robust_acc"] <= r["robust_acc"] for r in rows)
+    assert verdict[0.1].keys() >= {"robust_acc", "norm", "masking_suspected", "reasons"}
     assert report["diagnostics"] and all(
-        d.keys() == {"name", "status", "detail"} and d["status"] in ("pass", "warn")
+        d.keys() == {"name", "status", "detail", "norm", "eps"} and d["status"] in ("pass", "warn")
         for d in report["diagnostics"]
     )
+    outcomes = json.loads((tmp_path / "outcomes.json").read_text())
+    assert len(outcomes["indices"]) == 24 and len(set(outcomes["indices"])) == 24
+    assert all(len(r["robust"]) == 24 for r in outcomes["results"])
     report_md = (tmp_path / "report.md").read_text()
+    assert report_md.index("## Verdict") < report_md.index("## Attacks")
     assert "| pgd | gradient | linf | 0.1 |" in report_md
     assert "| wall_time_s | images_per_s |" in report_md
+
+
+@pytest.mark.slow
+def test_a_killed_run_keeps_its_finished_attacks_and_a_rerun_resumes(checkpoint, tmp_path):
+    args = [
+        f"ckpt_path={checkpoint}",
+        *QUICK,
+        "attack.square.n_queries=100000",
+        f"cache_dir={tmp_path / 'cache'}",
+        "wandb.mode=disabled",
+    ]
+    first = tmp_path / "first"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "attack.py"), *args, f"hydra.run.dir={first}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # killed once pgd and fgsm are done, in square
+        report = first / "report.json"
+        if report.is_file() and {"fgsm"} <= {
+            r["attack"] for r in json.loads(report.read_text())["results"]
+        }:
+            break
+        time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    kept = json.loads((first / "report.json").read_text())
+    assert kept["complete"] is False
+    assert [r["attack"] for r in kept["results"]] == ["pgd", "pgd", "fgsm", "fgsm"]
+
+    second = tmp_path / "second"
+    rerun = run_attack_cli(*args, "attack.square.n_queries=20", f"hydra.run.dir={second}")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = rerun.stdout + rerun.stderr
+    assert log.count("reused from the cache") == 4  # pgd and fgsm at two eps; square runs anew
+    resumed = json.loads((second / "report.json").read_text())
+    for old, new in zip(kept["results"], resumed["results"], strict=False):
+        assert (old["attack"], old["eps"], old["n_robust"]) == (
+            new["attack"],
+            new["eps"],
+            new["n_robust"],
+        )
+
+
+@pytest.mark.slow
+def test_merged_reports_give_the_per_input_worst_case(checkpoint, tmp_path):
+    common = [f"ckpt_path={checkpoint}", *QUICK[4:], "wandb.mode=disabled", "cache_dir=null"]
+    for name, attacks in (("a", ["attack=[fgsm]"]), ("b", QUICK[:4])):
+        result = run_attack_cli(*common, *attacks, f"hydra.run.dir={tmp_path / name}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    merged = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kwta_lightning.attacks.merge",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--out",
+            str(tmp_path / "merged"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    outcomes = json.loads((tmp_path / "merged" / "outcomes.json").read_text())
+    report = json.loads((tmp_path / "merged" / "report.json").read_text())
+    for v in report["verdict"]:
+        here = [
+            r["robust"]
+            for r in outcomes["results"]
+            if (r["norm"], r["eps"]) == (v["norm"], v["eps"])
+        ]
+        assert {r["attack"] for r in outcomes["results"]} >= {"fgsm", "pgd", "square"}
+        minimum = [all(bit == "1" for bit in bits) for bits in zip(*here, strict=True)]
+        assert v["n_robust"] == sum(minimum)
 
 
 def test_cli_refuses_a_truncated_checkpoint_in_one_line(checkpoint, tmp_path):
@@ -107,8 +213,8 @@ def test_cli_lists_the_attacks_when_one_does_not_exist(tmp_path):
     result = run_attack_cli("ckpt_path=x.ckpt", "attack=[pgd,nope]", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: unknown attack nope; known: autoattack, bpda, cw, deepfool, deepfool_l2, eot_pgd, "
-        "fgsm, hsj, l2_pgd, pgd, square, transfer, vga"
+        "error: unknown attack nope; known: apgd_ce, apgd_dlr, autoattack, bpda, bpda_relu, cw, "
+        "deepfool, deepfool_l2, fgsm, hsj, l2_pgd, nes_pgd, pgd, square, transfer, vga"
     )
 
 

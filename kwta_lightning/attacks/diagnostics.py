@@ -207,6 +207,19 @@ def vanishing_gradients(norms: torch.Tensor, threshold: float, max_share: float)
     )
 
 
+def result_checks(
+    results: Sequence[AttackResult], clean_correct: torch.Tensor, tolerance: float
+) -> list[Diagnostic]:
+    """The checks that read the attacks' outcomes alone (no model needed: merged reports)."""
+    counts = Counts(len(clean_correct), tolerance)
+    return [
+        *monotonic(results, counts),
+        *iterative_beats_single_step(results, counts),
+        *white_box_beats_the_rest(results, counts),
+        *deepfool_at_eps(results, clean_correct),
+    ]
+
+
 RunAttack = Callable[[Attack, list[float]], list[AttackResult]]
 
 
@@ -321,10 +334,7 @@ def run_diagnostics(
     probe = PGD(steps=unbounded_steps, random_start=False, name="pgd_unbounded")
     (far,) = evaluator.run(probe, [1.0], {"steps": unbounded_steps})
     diagnostics = [unbounded(far, num_classes, unbounded_steps)]
-    diagnostics += monotonic(results, counts)
-    diagnostics += iterative_beats_single_step(results, counts)
-    diagnostics += white_box_beats_the_rest(results, counts)
-    diagnostics += deepfool_at_eps(results, correct)
+    diagnostics += result_checks(results, correct, tolerance)
     x, y, size = evaluator.x, evaluator.y, evaluator.batch_size
     norms = torch.cat(
         [

@@ -155,10 +155,10 @@ class ProgressLog:
             )
 
     def finished(self, results: Sequence[AttackResult], reused: bool = False) -> None:
-        self.done += len(results)
-        elapsed = time.perf_counter() - self.started
-        left = elapsed / self.done * max(self.total - self.done, 0)
         for r in results:
+            self.done += 1
+            elapsed = time.perf_counter() - self.started
+            left = elapsed / self.done * max(self.total - self.done, 0)
             how = "reused from the cache" if reused else f"{r.wall_time_s:.0f} s"
             log.info(
                 "[%d/%d] %s %s eps=%g: robust %d/%d (%.1f%%), %s; %s elapsed, about %s left",
@@ -268,7 +268,9 @@ def result_rows(
             "success_rate": success_rate(r.robust, correct),
             "median_norm": r.norms[fooled].median().item() if fooled.any() else None,
             "wall_time_s": round(r.wall_time_s, 2),
-            "images_per_s": float(f"{len(r.robust) / r.wall_time_s:.4g}"),
+            "images_per_s": (
+                float(f"{len(r.robust) / r.wall_time_s:.4g}") if r.wall_time_s > 0 else None
+            ),
             "params": params.get(r.attack, {}),
         }
         for key, value in r.extra.items():

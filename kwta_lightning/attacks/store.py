@@ -108,7 +108,7 @@ def outcomes(
                 "eps": r.eps,
                 "robust": bits(r.robust),
                 "norms": [round(v, 6) for v in r.norms.tolist()],
-                "wall_time_s": round(r.wall_time_s, 2),
+                "wall_time_s": r.wall_time_s,
             }
             for r in results
         ],
