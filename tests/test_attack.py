@@ -16,8 +16,14 @@ from torch import nn
 
 from kwta_lightning.activations import KWTA, kwta_layerwise
 from kwta_lightning.attacks.adaptive import NESPGD, BPDALayer, replace_kwta
-from kwta_lightning.attacks.base import margin_loss, perturbation_norms
-from kwta_lightning.attacks.diagnostics import run_diagnostics, verdict
+from kwta_lightning.attacks.base import AttackResult, margin_loss, perturbation_norms
+from kwta_lightning.attacks.diagnostics import (
+    Counts,
+    deepfool_at_eps,
+    iterative_beats_single_step,
+    run_diagnostics,
+    verdict,
+)
 from kwta_lightning.attacks.evaluate import Evaluator, evaluate, result_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,3 +231,43 @@ def test_diagnostics_fire_on_a_model_that_masks_its_gradient(relu_net):
     assert any(r.startswith("white_box_vs_adaptive") for r in at_eps["reasons"])
     pgd = next(r for r in results if r.attack == "pgd" and r.eps == 0.3)
     assert at_eps["n_robust"] < int(pgd.robust.sum())  # the worst case is below PGD's
+
+
+def _result(name: str, robust: list[bool], eps: float = 0.1, kind: str = "gradient"):
+    n = len(robust)
+    return AttackResult(
+        name,
+        "linf",
+        kind,
+        eps,
+        torch.tensor(robust),
+        torch.full((n,), eps),
+        {},
+        1.0,
+        torch.zeros(0),
+        torch.zeros(0),
+    )
+
+
+def test_a_one_input_difference_passes_and_two_warn():
+    # 1 of 25 inputs vs 2 of 25: 0.04 vs 0.08 is above tolerance 0.01 but only one input apart
+    pgd, fgsm = [True] * 2 + [False] * 23, [True] + [False] * 24
+    (check,) = iterative_beats_single_step(
+        [_result("pgd", pgd), _result("fgsm", fgsm)], Counts(25, 0.01)
+    )
+    assert check.status == "pass"
+    (check,) = iterative_beats_single_step(
+        [_result("pgd", [True] * 3 + [False] * 22), _result("fgsm", fgsm)], Counts(25, 0.01)
+    )
+    assert check.status == "warn"
+
+
+def test_deepfool_successes_at_eps_are_a_masking_signature():
+    clean = torch.ones(4, dtype=torch.bool)
+    at_edge = _result("deepfool", [False] * 4)
+    (check,) = deepfool_at_eps([at_edge], clean)
+    assert check.status == "warn"
+    inside = _result("deepfool", [False] * 4)
+    inside.norms = torch.tensor([0.05, 0.06, 0.07, 0.1])
+    (check,) = deepfool_at_eps([inside], clean)
+    assert check.status == "pass"

@@ -179,7 +179,7 @@ class ProgressLog:
 class Evaluator:
     """One model and one set of inputs; runs attacks on them, through a cache when given one.
 
-    ``cache``: an object with ``load(name, key)`` and ``save(name, key, results)``;
+    ``cache``: a ``store.ResultCache`` (duck-typed: evaluate does not import the store);
     ``key(attack, epsilons, params)`` names what the results depend on.
     """
 
@@ -207,7 +207,11 @@ class Evaluator:
     ) -> list[AttackResult]:
         """The attack at every eps: from the cache when it finished before, else run and saved."""
         key = self.key(attack, epsilons, params or {}) if self.key and self.cache else None
-        if key is not None and (results := self.cache.load(attack.name, key)) is not None:
+        warnings = getattr(attack, "warnings", None)  # the library's own checks, if it has any
+        if key is not None and (cached := self.cache.load(attack.name, key)) is not None:
+            results, saved_warnings = cached
+            if warnings is not None:
+                warnings += saved_warnings
             self.progress.finished(results, reused=True)
             return results
         log.info("%s: %d images at eps %s", attack.name, len(self.x), list(epsilons))
@@ -224,7 +228,7 @@ class Evaluator:
             lambda done, s: self.progress.batch(attack.name, done, len(self.x), s),
         )
         if key is not None:
-            self.cache.save(attack.name, key, results)
+            self.cache.save(attack.name, key, results, warnings or [])
         self.progress.finished(results)
         return results
 

@@ -58,22 +58,25 @@ class ResultCache:
     def _path(self, name: str, key: str) -> Path:
         return self.folder / f"{name}-{key}.pt"
 
-    def load(self, name: str, key: str) -> list[AttackResult] | None:
+    def load(self, name: str, key: str) -> tuple[list[AttackResult], list[str]] | None:
+        """The results and library warnings of a finished attack, or None."""
         if self.folder is None or not self._path(name, key).is_file():
             return None
         try:
             saved = torch.load(self._path(name, key), map_location="cpu", weights_only=True)
-        except Exception as err:  # a file cut short by a kill: run the attack again
+        except Exception as err:  # unreadable: run the attack again rather than stop
             log.warning("%s: cached results unreadable (%s); running it again", name, err)
             return None
-        return [AttackResult(**r) for r in saved]
+        return [AttackResult(**r) for r in saved["results"]], saved["warnings"]
 
-    def save(self, name: str, key: str, results: Sequence[AttackResult]) -> None:
+    def save(
+        self, name: str, key: str, results: Sequence[AttackResult], warnings: Sequence[str]
+    ) -> None:
         if self.folder is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self._path(name, key).with_suffix(".tmp")
-        torch.save([_as_dict(r) for r in results], tmp)
+        torch.save({"results": [_as_dict(r) for r in results], "warnings": list(warnings)}, tmp)
         tmp.replace(self._path(name, key))  # atomic: a kill never leaves half a file
 
 
