@@ -308,7 +308,7 @@ def sweep(tmp_path):
             {"attack": "pgd", "norm": "linf", "eps": 0.3, "robust_acc": 0.41, "success_rate": 0.5},
             {"attack": "square", "norm": "linf", "eps": 0.3, "robust_acc": 0.2, "params": {}},
         ],
-        "worst_case": [{"eps": 0.3, "robust_acc": 0.12}],
+        "verdict": [{"norm": "linf", "eps": 0.3, "robust_acc": 0.12}],
     }
     (tmp_path / "attack" / "runs" / "r1").mkdir(parents=True)
     (tmp_path / "attack" / "runs" / "r1" / "report.json").write_text(json.dumps(report))

@@ -3,8 +3,8 @@
 k-WTA's output jumps whenever the set of winners changes, so the gradient at a point says little
 about the loss a small step away. Three ways around it:
 
-* ``EOTPGD``: estimate the gradient of a smoothed loss from the loss alone (antithetic Gaussian
-  sampling, margin loss, sign steps), as Tramer et al. 2020 (section 5) broke k-WTA. foolbox's
+* ``NESPGD``: estimate the gradient from the loss alone (antithetic Gaussian sampling, margin
+  loss, sign steps), as Tramer et al. 2020 (section 5) broke k-WTA. foolbox's
   ``es_gradient_estimator`` is not used: it differences the loss summed over the batch, so each
   input's estimate picks up every other input's loss changes.
 * ``BPDA``: forward through k-WTA, backward through a smooth surrogate (Athalye et al. 2018).
@@ -39,8 +39,6 @@ class NESPGD(PGD):
         self,
         samples: int = 100,
         sigma: float = 8 / 255,
-        clamp_probes: bool = True,
-        tile: int = 1,
         chunk: int = 10,
         steps: int = 100,
         restarts: int = 1,
@@ -69,7 +67,6 @@ class NESPGD(PGD):
         if samples < 2:
             raise ConfigError(f"attack {name}: samples must be >= 2, got {samples}")
         self.samples, self.sigma, self.chunk = samples, sigma, chunk
-        self.clamp_probes, self.tile = clamp_probes, tile
 
     @torch.no_grad()
     def gradient(
@@ -79,23 +76,15 @@ class NESPGD(PGD):
         pairs = self.samples // 2
         for start in range(0, pairs, self.chunk):
             n = min(self.chunk, pairs - start)
-            u = self.noise(n, x)
+            u = torch.randn((n, *x.shape), generator=self.generator, device=x.device)
+            # probes may leave [0, 1] by sigma: clamping them would bias the estimate at the
+            # saturated pixels that MNIST is full of
             probes = torch.cat([x + self.sigma * u, x - self.sigma * u])
-            if self.clamp_probes:
-                probes = probes.clamp(0, 1)
             logits = model(probes.flatten(0, 1))
             losses = per_sample_loss(logits, y.repeat(2 * n), self.loss).view(2, n, -1)
             diff = (losses[0] - losses[1]).view(n, len(x), *[1] * (x.dim() - 1))
             grad += (diff * u).sum(0)
         return grad, model(x).argmax(1)
-
-    def noise(self, n: int, x: torch.Tensor) -> torch.Tensor:
-        """n Gaussian directions per input, constant on tile x tile squares of pixels."""
-        t = self.tile
-        shape = (n, *x.shape[:-2], -(-x.shape[-2] // t), -(-x.shape[-1] // t))
-        u = torch.randn(shape, generator=self.generator, device=x.device)
-        u = u.repeat_interleave(t, -2).repeat_interleave(t, -1)
-        return u[..., : x.shape[-2], : x.shape[-1]]
 
 
 def replace_kwta(model: nn.Module, make: Callable[[nn.Module], nn.Module]) -> nn.Module:
