@@ -7,6 +7,7 @@ loop serves every PGD of the suite: white-box (``PGD``), on a BPDA copy of the m
 gradients estimated from the loss alone (``NESPGD`` in ``adaptive``).
 """
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +16,8 @@ from torch import nn
 
 from kwta_lightning.attacks.base import Attack, AttackOutput, margin_loss, project
 from kwta_lightning.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 LOSSES = ("ce", "margin")
 
@@ -90,9 +93,10 @@ class PGD(Attack):
         todo = torch.arange(len(x), device=x.device)
         with torch.no_grad():
             todo = todo[model(x).argmax(1) == y]
-        for _ in range(self.restarts):
+        for restart in range(self.restarts):
             if len(todo) == 0:
                 break
+            self.progress = f"{self.name} eps={eps:g} restart {restart + 1}/{self.restarts}"
             x_adv, fooled = self._single_run(model, x[todo], y[todo], eps)
             x_best[todo[fooled]] = x_adv[fooled]
             todo = todo[~fooled]
@@ -113,7 +117,17 @@ class PGD(Attack):
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         active = torch.arange(len(x), device=x.device)
         velocity = torch.zeros_like(x)
+        quarters = {self.steps * q // 4 for q in (1, 2, 3)}
         for step in range(self.steps):
+            if step in quarters:  # long runs on one batch show life in the log
+                log.info(
+                    "%s: step %d/%d, %d/%d inputs not yet fooled",
+                    self.progress,
+                    step,
+                    self.steps,
+                    len(active),
+                    len(x),
+                )
             grad, preds = self.gradient(model, x_adv[active], y[active])
             wrong = preds != y[active]
             fooled[active[wrong]] = True
