@@ -13,6 +13,7 @@ about the loss a small step away. Three ways around it:
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import foolbox as fb
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kwta_lightning.activations import KWTAChannel, kwta_layers, num_winners
-from kwta_lightning.attacks.base import Attack, AttackOutput
+from kwta_lightning.attacks.base import Attack, AttackOutput, check_choice
 from kwta_lightning.attacks.checkpoint import build_model, load_checkpoint
 from kwta_lightning.attacks.library import FoolboxAttack
 from kwta_lightning.attacks.pgd import PGD, per_sample_loss
@@ -40,30 +41,14 @@ class NESPGD(PGD):
         samples: int = 100,
         sigma: float = 8 / 255,
         chunk: int = 10,
-        steps: int = 100,
-        restarts: int = 1,
-        rel_stepsize: float = 0.25,
-        decay_at: Sequence[float] = (0.5, 0.75),
         loss: str = "margin",
         random_start: bool = False,
-        momentum: float = 0.0,
-        seed: int = 0,
         kind: str = "adaptive",
         name: str = "",
+        **pgd: Any,
     ) -> None:
-        super().__init__(
-            steps,
-            restarts,
-            rel_stepsize,
-            decay_at,
-            loss,
-            random_start,
-            momentum,
-            seed,
-            "linf",
-            kind,
-            name,
-        )
+        """``pgd``: the step schedule, restarts and momentum of ``PGD``."""
+        super().__init__(loss=loss, random_start=random_start, kind=kind, name=name, **pgd)
         if samples < 2:
             raise ConfigError(f"attack {name}: samples must be >= 2, got {samples}")
         self.samples, self.sigma, self.chunk = samples, sigma, chunk
@@ -136,11 +121,7 @@ class BPDA(Attack):
         name: str = "",
     ) -> None:
         super().__init__("linf", kind, name)
-        if surrogate not in SURROGATES:
-            raise ConfigError(
-                f"attack {name}: surrogate must be one of {', '.join(SURROGATES)}, "
-                f"got {surrogate!r}"
-            )
+        check_choice(name, "surrogate", surrogate, SURROGATES)
         if surrogate == "soft_kwta" and (not temperatures or min(temperatures) <= 0):
             raise ConfigError(
                 f"attack {name}: temperatures must be a non-empty list of numbers > 0, "

@@ -20,6 +20,14 @@ NORMS = ("linf", "l2")
 KINDS = ("gradient", "adaptive", "black_box", "transfer", "ensemble")
 
 
+def check_choice(attack: str, key: str, value: str, choices: Sequence[str], note: str = "") -> None:
+    """ConfigError naming the attack, the key and the choices unless ``value`` is one of them."""
+    if value not in choices:
+        raise ConfigError(
+            f"attack {attack}: {key} must be one of {', '.join(choices)}{note}, got {value!r}"
+        )
+
+
 @dataclass
 class AttackOutput:
     """Adversarial inputs at one eps, and per-sample extras (averaged over correct inputs)."""
@@ -55,14 +63,8 @@ class Attack(ABC):
     shares_epsilons = False
 
     def __init__(self, norm: str = "linf", kind: str = "gradient", name: str = "") -> None:
-        if norm not in NORMS:
-            raise ConfigError(
-                f"attack {name}: norm must be one of {', '.join(NORMS)}, got {norm!r}"
-            )
-        if kind not in KINDS:
-            raise ConfigError(
-                f"attack {name}: kind must be one of {', '.join(KINDS)}, got {kind!r}"
-            )
+        check_choice(name, "norm", norm, NORMS)
+        check_choice(name, "kind", kind, KINDS)
         self.norm, self.kind, self.name = norm, kind, name
 
     def run(

@@ -15,8 +15,7 @@ from pyautoattack.autopgd_base import APGDAttack
 from pyautoattack.square import SquareAttack
 from torch import nn
 
-from kwta_lightning.attacks.base import Attack, AttackOutput
-from kwta_lightning.errors import ConfigError
+from kwta_lightning.attacks.base import Attack, AttackOutput, check_choice
 
 AUTOATTACK_VERSIONS = ("standard", "rand")
 APGD_LOSSES = ("ce", "dlr")
@@ -130,10 +129,7 @@ class APGD(Attack):
         name: str = "",
     ) -> None:
         super().__init__(norm, kind, name)
-        if loss not in APGD_LOSSES:
-            raise ConfigError(
-                f"attack {name}: loss must be one of {', '.join(APGD_LOSSES)}, got {loss!r}"
-            )
+        check_choice(name, "loss", loss, APGD_LOSSES)
         self.loss, self.steps, self.restarts, self.seed = loss, steps, restarts, seed
         self.warnings: list[str] = []
 
@@ -176,11 +172,13 @@ class AutoAttack(Attack):
         name: str = "",
     ) -> None:
         super().__init__(norm, kind, name)
-        if version not in AUTOATTACK_VERSIONS:
-            raise ConfigError(
-                f"attack {name}: version must be one of {', '.join(AUTOATTACK_VERSIONS)} "
-                f"(a reduced AutoAttack is not AutoAttack), got {version!r}"
-            )
+        check_choice(
+            name,
+            "version",
+            version,
+            AUTOATTACK_VERSIONS,
+            " (a reduced AutoAttack is not AutoAttack)",
+        )
         self.version, self.seed = version, seed
         self.warnings: list[str] = []
 

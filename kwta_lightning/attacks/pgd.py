@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kwta_lightning.attacks.base import Attack, AttackOutput, margin_loss, project
+from kwta_lightning.attacks.base import Attack, AttackOutput, check_choice, margin_loss, project
 from kwta_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,7 @@ class PGD(Attack):
             )
         if not 0 < rel_stepsize <= 1:
             raise ConfigError(f"attack {name}: rel_stepsize must lie in (0, 1], got {rel_stepsize}")
-        if loss not in LOSSES:
-            raise ConfigError(
-                f"attack {name}: loss must be one of {', '.join(LOSSES)}, got {loss!r}"
-            )
+        check_choice(name, "loss", loss, LOSSES)
         self.steps, self.restarts, self.rel_stepsize = steps, restarts, rel_stepsize
         self.decay_at, self.loss = sorted(decay_at), loss
         self.random_start, self.momentum, self.seed = random_start, momentum, seed
