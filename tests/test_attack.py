@@ -25,6 +25,7 @@ from kwta_lightning.attacks.diagnostics import (
     verdict,
 )
 from kwta_lightning.attacks.evaluate import Evaluator, evaluate, result_rows
+from kwta_lightning.attacks.pgd import PGD
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -271,3 +272,22 @@ def test_deepfool_successes_at_eps_are_a_masking_signature():
     inside.norms = torch.tensor([0.05, 0.06, 0.07, 0.1])
     (check,) = deepfool_at_eps([inside], clean)
     assert check.status == "pass"
+
+
+def test_pgd_step_halves_at_each_decay_point():
+    pgd = PGD(steps=100, rel_stepsize=0.25, decay_at=(0.5, 0.75))
+    sizes = [pgd.step_size(step, eps=0.1) for step in (0, 49, 50, 74, 75, 99)]
+    assert sizes == pytest.approx([0.025, 0.025, 0.0125, 0.0125, 0.00625, 0.00625])
+
+
+def test_pgd_restarts_attack_only_the_inputs_still_robust(relu_net):
+    x, y = patches(32)
+    calls = []
+    pgd = PGD(steps=3, restarts=3, rel_stepsize=0.2, decay_at=())
+    run = pgd._single_run
+    pgd._single_run = lambda model, xs, ys, eps: calls.append(len(xs)) or run(model, xs, ys, eps)
+    x_adv = pgd.attack(relu_net, x, y, eps=0.3).x_adv
+    assert calls[0] == 32 and all(a >= b for a, b in zip(calls, calls[1:], strict=False))
+    assert calls[-1] < 32, calls
+    fooled = relu_net(x_adv).argmax(1) != y
+    assert fooled.sum() >= 32 - calls[-1]  # every input a restart fooled keeps its fooling iterate
