@@ -331,6 +331,10 @@ def run_diagnostics(
     results = evaluator.evaluation.results
     correct = evaluator.evaluation.clean_correct
     counts = Counts(len(correct), tolerance)
+    pgd = attacks.get("pgd")
+    first = [r for r in results if r.attack == "pgd"]
+    converging = isinstance(pgd, PGD) and first and convergence_doublings > 0
+    evaluator.progress.total += 1 + (len(first) * convergence_doublings if converging else 0)
     probe = PGD(steps=unbounded_steps, random_start=False, name="pgd_unbounded")
     (far,) = evaluator.run(probe, [1.0], {"steps": unbounded_steps})
     diagnostics = [unbounded(far, num_classes, unbounded_steps)]
@@ -349,9 +353,7 @@ def run_diagnostics(
     diagnostics.append(vanishing_gradients(norms, vanishing_threshold, max_vanishing_share))
     extra: list[AttackResult] = []
     extra_params: dict[str, dict[str, Any]] = {}
-    pgd = attacks.get("pgd")
-    first = [r for r in results if r.attack == "pgd"]
-    if isinstance(pgd, PGD) and first and convergence_doublings > 0:
+    if converging:
         found, extra = pgd_convergence(
             pgd,
             [r.eps for r in first],
