@@ -148,6 +148,11 @@ class KWTAClassifier(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         # Logged once an epoch, not every step: each log of a metric object moves all its state
         # to the device again, the largest per-step cost Lightning added to a training step.
+        # lr and gamma of the epoch: logged at its end, which a run resumed mid-epoch reaches too
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        layers = kwta_layers(self.net)
+        if layers:
+            self.log("gamma", next(iter(layers.values())).gamma)
         self.log("train/loss_epoch", self.train_loss)
         self.log("train/acc", self.train_acc, prog_bar=True)
         if self.adv.enabled:
@@ -175,12 +180,6 @@ class KWTAClassifier(L.LightningModule):
         finally:
             self.net.train(was_training)
         return x_adv.detach()
-
-    def on_train_epoch_start(self) -> None:
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        layers = kwta_layers(self.net)
-        if layers:
-            self.log("gamma", next(iter(layers.values())).gamma)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch

@@ -273,6 +273,7 @@ def _continue_logs(loggers: list[Any], resume: Resume | None) -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test the model ``cfg`` describes; return the metrics written to metrics.json."""
     started = time.perf_counter()
+    config = _run_config(cfg)  # before instantiate, which resolves interpolations in place
     if rank_zero_only.rank == 0:
         print_config_tree(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -288,7 +289,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = _instantiate_all(cfg.get("logger"))
     _continue_logs(loggers, resume)
     stop = StopOnSignal(output_dir / "checkpoints" / "last.ckpt")
-    own = [ResumeState(_run_config(cfg), output_dir / ".hydra"), stop]
+    own = [ResumeState(config, output_dir / ".hydra"), stop]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=_instantiate_all(cfg.get("callbacks")) + own,
