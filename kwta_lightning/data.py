@@ -206,8 +206,15 @@ class ResumableLoader(DataLoader):
 
     sampler: ResumableSampler
 
-    def __init__(self, dataset: Dataset, sampler: ResumableSampler, **kwargs: Any) -> None:
-        super().__init__(dataset, sampler=sampler, generator=torch.Generator(), **kwargs)
+    def __init__(
+        self,
+        dataset: Dataset,
+        sampler: ResumableSampler,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> None:
+        generator = torch.Generator() if generator is None else generator
+        super().__init__(dataset, sampler=sampler, generator=generator, **kwargs)
         self.batches_done = 0
         self._resume_at = 0  # batches of the epoch done before a resume
 
