@@ -9,6 +9,7 @@ import csv
 import netrc
 import os
 import socket
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ def _run_id(save_dir: str) -> str:
     if path.is_file():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:12]
     path.write_text(run_id + "\n")
     return run_id
 

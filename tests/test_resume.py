@@ -13,6 +13,7 @@ import torch
 
 from kwta_lightning import kwta_select
 from kwta_lightning.checkpoints import CheckpointError, SafeCheckpointIO, newest_good_checkpoint
+from kwta_lightning.loggers import wandb_logger
 from kwta_lightning.resume import changed_keys, move_previous_run
 from kwta_lightning.training import train
 from tests.helpers import cli_env, compose_train, needs_mnist, run_cli, start_cli
@@ -247,3 +248,12 @@ def test_kernel_build_folder_is_one_per_environment(tmp_path, monkeypatch):
     assert kwta_select.build_directory() != first
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
     assert kwta_select.build_directory() is None  # the user's folder: torch's own layout in it
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path):
+    first = wandb_logger(save_dir=str(tmp_path), project="p", mode="disabled")
+    again = wandb_logger(save_dir=str(tmp_path), project="p", mode="disabled")
+    assert first._wandb_init["id"] == again._wandb_init["id"]
+    assert again._wandb_init["resume"] == "allow"
+    other = wandb_logger(save_dir=str(tmp_path / "other"), project="p", mode="disabled")
+    assert other._wandb_init["id"] != first._wandb_init["id"]
