@@ -28,7 +28,9 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def in_sweep() -> bool:
-    """Whether this process runs a job of a Hydra multirun."""
+    """Whether this process runs a job of a Hydra multirun (not the child a job trains in)."""
+    if SWEEP_JOB in os.environ:
+        return False
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
@@ -90,6 +92,7 @@ def job_command(extra_overrides: list[str], output_dir: Path) -> list[str]:
         *hydra.overrides.task,
         *extra_overrides,
         f"hydra.run.dir={output_dir.resolve()}",
+        "hydra.mode=RUN",  # a sweep's overrides (hparams_search=optuna) may ask for MULTIRUN
         "hydra.output_subdir=null",
     ]
 
