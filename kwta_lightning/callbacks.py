@@ -16,6 +16,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from datetime import timedelta
 from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
@@ -187,6 +188,28 @@ def reestimate_batchnorm(pl_module: L.LightningModule, loader: DataLoader, batch
 
 
 # --- callbacks -----------------------------------------------------------------------------------
+
+
+def periodic_checkpoint(
+    dirpath: str, minutes: float | None = 10, steps: int | None = None
+) -> ModelCheckpoint | None:
+    """last.ckpt every ``steps`` training steps, else every ``minutes`` (None when both are null).
+
+    Besides the one at each epoch end, so a killed run loses at most that much work.
+    """
+    for name, value in (("minutes", minutes), ("steps", steps)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"periodic_checkpoint.{name} must be > 0 or null, got {value}")
+    if steps is None and minutes is None:
+        return None
+    every = (
+        {"every_n_train_steps": steps}
+        if steps is not None
+        else {"train_time_interval": timedelta(minutes=minutes)}
+    )
+    return ModelCheckpoint(
+        dirpath=dirpath, filename="last", enable_version_counter=False, save_top_k=1, **every
+    )
 
 
 class SparsityAnnealing(Callback):

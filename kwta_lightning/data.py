@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms
 
 from kwta_lightning.errors import ConfigError, DataMissing
@@ -175,6 +175,63 @@ def _to_device(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """DeviceImages already returns a whole batch: nothing to collate."""
     return batch
+
+
+class ResumableSampler(DistributedSampler):
+    """A shuffle that is a function of (seed, epoch), able to start part-way through an epoch.
+
+    A DistributedSampler (one rank's share under DDP), so Lightning keeps it instead of putting
+    its own in. ``skip`` samples are left out of the next pass: the batches a resumed run has
+    already trained on.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, resumable mid-epoch through Lightning's loader state.
+
+    Lightning restores the position in an epoch only for loaders with ``state_dict`` and
+    ``load_state_dict``: here the epoch and the batches done, which the sampler skips. Worker
+    seeds come from a generator seeded per epoch, not from the global RNG, so they are the same
+    whether the epoch started in this process or in the one that died.
+    """
+
+    sampler: ResumableSampler
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        sampler: ResumableSampler,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> None:
+        generator = torch.Generator() if generator is None else generator
+        super().__init__(dataset, sampler=sampler, generator=generator, **kwargs)
+        self.batches_done = 0
+        self._resume_at = 0  # batches of the epoch done before a resume
+
+    def __iter__(self):
+        self.generator.manual_seed(self.sampler.seed + self.sampler.epoch)
+        self.batches_done, self._resume_at = self._resume_at, 0
+        self.sampler.skip = self.batches_done * self.batch_size
+        for batch in super().__iter__():
+            self.batches_done += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self._resume_at = state["batches_done"]
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -347,28 +404,28 @@ class ImageDataModule(L.LightningDataModule):
         resize_to = self.image_size if augment and self.hparams.resize else None
         return DeviceImages(torch.stack(images), torch.tensor(labels), augment, resize_to)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         if self.hparams.on_device:
-            return DataLoader(
-                self._device_split(split),
-                batch_size=self.batch_size,
-                shuffle=shuffle,
-                collate_fn=_batch_as_is,
-            )
-        return DataLoader(
-            getattr(self, f"{split}_set"),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+            dataset, options = self._device_split(split), {"collate_fn": _batch_as_is}
+        else:
+            dataset = getattr(self, f"{split}_set")
+            options = {
+                "num_workers": self.num_workers,
+                "persistent_workers": self.num_workers > 0,
+                "pin_memory": torch.cuda.is_available(),
+            }
+        if split != "train":
+            return DataLoader(dataset, batch_size=self.batch_size, **options)
+        trainer = self.trainer
+        ranks = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else {}
+        sampler = ResumableSampler(dataset, self.hparams.seed, **ranks)
+        return ResumableLoader(dataset, sampler, batch_size=self.batch_size, **options)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")

@@ -17,9 +17,10 @@ torch's topk (``act=kwta_torch``, for benchmarks):
 * the kernel, on CPU for float32/bfloat16/float16 in contiguous or channels_last memory: a C++
   radix select (``csrc/kwta_cpu.cpp``) that finds each row's threshold from histograms of the
   float bits and masks the row while it is still in cache, on PyTorch's thread pool. It is
-  compiled with torch's extension builder on first use (about 30 s, once per machine: torch
-  caches the build). With the masking included it is 1.5-8x faster than topk alone from 16,384
-  units per row up, and ties it at 1,024 (``benchmarks/kwta_selection.py``). When it cannot be
+  compiled with torch's extension builder on first use (about 30 s, once per environment: the
+  build folder is named after the environment, torch and the flags, see ``build_directory``).
+  With the masking included it is 1.5-8x faster than topk alone from 16,384 units per row up,
+  and ties it at 1,024 (``benchmarks/kwta_selection.py``). When it cannot be
   built (no C++ compiler), a warning says so and torch's runs instead.
 * torch's, everywhere else (CUDA, float64, other layouts): ``torch.topk(sorted=False)`` for the
   threshold, then one compare and a ``where``. On CPU it beat ``kthvalue``, a sample-then-count
@@ -31,7 +32,10 @@ of a fresh allocation. Autograd's version check guards it as it guards ReLU's.
 """
 
 import functools
+import hashlib
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -43,6 +47,28 @@ log = logging.getLogger(__name__)
 
 KERNEL_SOURCE = Path(__file__).parent / "csrc" / "kwta_cpu.cpp"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# -fopenmp: at::parallel_for is inlined, and runs serially when compiled without it
+KERNEL_FLAGS = ["-O3", "-fopenmp"]
+
+
+def build_directory() -> Path | None:
+    """Where the kernel is built: one folder per environment, torch version and flags.
+
+    torch's default folder is one per user and extension name: two checkouts (two virtualenvs)
+    then rebuild each other's kernel on every run, since the build file names the headers and
+    libraries of the environment that wrote it last. None (torch's folder) when
+    $TORCH_EXTENSIONS_DIR is set: the user chose where builds go. torch itself rebuilds when
+    the source changes.
+    """
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return None
+    from torch.utils.cpp_extension import get_default_build_root
+
+    key = "|".join([sys.prefix, torch.__version__, *KERNEL_FLAGS])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    folder = Path(get_default_build_root()) / f"kwta_lightning_cpu-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @functools.cache
@@ -53,16 +79,20 @@ def cpu_kernel() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        # -fopenmp: at::parallel_for is inlined, and runs serially when compiled without it
-        flags = ["-O3", "-fopenmp"]
-        kernel = load("kwta_lightning_cpu", [str(KERNEL_SOURCE)], extra_cflags=flags)
+        folder = build_directory()
+        kernel = load(
+            "kwta_lightning_cpu",
+            [str(KERNEL_SOURCE)],
+            extra_cflags=KERNEL_FLAGS,
+            build_directory=None if folder is None else str(folder),
+        )
     except Exception as err:  # no compiler, no ninja, a failed build: fall back, loudly
         reason = f"{type(err).__name__}: {str(err).strip().partition(chr(10))[0]}"
         log.warning("k-WTA CPU kernel unavailable (%s); using torch.topk", reason)
         return None
     seconds = time.perf_counter() - started
     if seconds > 2:
-        log.info("built the k-WTA CPU kernel in %.0f s (cached by torch for later runs)", seconds)
+        log.info("built the k-WTA CPU kernel in %.0f s (kept for later runs)", seconds)
     return kernel
 
 

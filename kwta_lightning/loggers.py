@@ -1,16 +1,26 @@
-"""Logger factories the logger configs instantiate."""
+"""Loggers and logger factories the logger configs instantiate.
 
+A resumed run logs into the same places as the run it continues: the CSV file grows (rows of
+the work lost since the checkpoint are dropped), the W&B run is the same run (its id is kept in
+the run folder), TensorBoard adds event files to the same folder.
+"""
+
+import csv
 import netrc
 import os
 import socket
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import wandb
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.loggers import WandbLogger
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from kwta_lightning.training import in_sweep
+from kwta_lightning.jobs import in_sweep, sweep_job
 
 MAX_TAG_LENGTH = 64  # W&B refuses longer tags
 
@@ -46,11 +56,25 @@ def sweep_group_and_tags() -> tuple[str | None, list[str]]:
 
     Outside a sweep: (None, []).
     """
-    if not in_sweep():
+    if in_sweep():
+        hydra = HydraConfig.get()
+        sweep_dir, overrides = hydra.sweep.dir, list(hydra.overrides.task)
+    elif (job := sweep_job()) is not None:  # the process a sweep job trains in
+        sweep_dir, overrides = job["sweep_dir"], job["overrides"]
+    else:
         return None, []
-    hydra = HydraConfig.get()
-    overrides = [o for o in hydra.overrides.task if len(o) <= MAX_TAG_LENGTH]
-    return Path(hydra.sweep.dir).name, overrides
+    return Path(sweep_dir).name, [o for o in overrides if len(o) <= MAX_TAG_LENGTH]
+
+
+def _run_id(save_dir: str) -> str:
+    """The W&B run id of the run folder: made on its first run, read back on every resume."""
+    path = Path(save_dir) / "wandb" / "run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 def wandb_logger(
@@ -65,11 +89,13 @@ def wandb_logger(
 
     Each job of a sweep is its own W&B run (training.py finishes it at the end of the job); the
     jobs of one sweep share a group named after the sweep folder (unless ``group`` is given) and
-    are tagged with their overrides.
+    are tagged with their overrides. A resumed run continues its W&B run (same id).
     """
     sweep, job_tags = sweep_group_and_tags()
     return WandbLogger(
         save_dir=save_dir,
+        id=_run_id(save_dir),
+        resume="allow",
         project=project,
         name=name,
         group=group or sweep,
@@ -90,3 +116,44 @@ def log_images_to_wandb(
         run.log({name: wandb.Image(str(path)) for name, path in images.items()} | summary)
     finally:
         wandb.finish()
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, keeping the rows already in metrics.csv (Lightning deletes them)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class AppendingCSVLogger(CSVLogger):
+    """A CSVLogger whose metrics.csv survives resumes and re-runs: new rows are appended.
+
+    Rows are written at every checkpoint too, so a kill loses none that the checkpoint covers.
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    def drop_rows_from(self, step: int) -> None:
+        """Drop the rows of steps >= ``step``: work after the checkpoint a run resumes from."""
+        path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        if not path.is_file():
+            return
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header, rows = reader.fieldnames or [], list(reader)
+        kept = [row for row in rows if not row.get("step") or int(row["step"]) < step]
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(kept)
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self.save()

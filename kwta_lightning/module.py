@@ -12,7 +12,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from torchmetrics import MaxMetric
+from torchmetrics import MaxMetric, MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kwta_lightning.activations import check_gamma, kwta_layers, make_activation, set_gamma
@@ -20,6 +20,10 @@ from kwta_lightning.backbones import build_network, swap_relus
 from kwta_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# Metrics that add up over an epoch (or the run): their states travel in the checkpoint, so an
+# epoch resumed part-way logs what the whole epoch would have.
+RESUMED_METRICS = ("train_loss", "train_acc", "train_adv_acc", "val_acc_best")
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9}
 
@@ -115,12 +119,18 @@ class KWTAClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
         self.train_adv_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_loss = MeanMetric()
+        self._metric_states_to_load: dict[str, Any] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     def on_train_start(self) -> None:
         self.val_acc_best.reset()  # forget the sanity-check batches
+        if self._metric_states_to_load is not None:  # a resumed run: the states it had
+            for name, saved in self._metric_states_to_load.items():
+                _set_metric_state(getattr(self, name), saved)
+            self._metric_states_to_load = None
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch
@@ -131,12 +141,19 @@ class KWTAClassifier(L.LightningModule):
             adv_logits = self(self.adversarial_examples(x, y))
             loss = (1 - self.adv.mix) * loss + self.adv.mix * F.cross_entropy(adv_logits, y)
             self.train_adv_acc.update(adv_logits, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.train_loss.update(loss.detach(), weight=len(y))
+        self.log("train/loss_step", loss, prog_bar=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
         # Logged once an epoch, not every step: each log of a metric object moves all its state
         # to the device again, the largest per-step cost Lightning added to a training step.
+        # lr and gamma of the epoch: logged at its end, which a run resumed mid-epoch reaches too
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        layers = kwta_layers(self.net)
+        if layers:
+            self.log("gamma", next(iter(layers.values())).gamma)
+        self.log("train/loss_epoch", self.train_loss)
         self.log("train/acc", self.train_acc, prog_bar=True)
         if self.adv.enabled:
             self.log("train/adv_acc", self.train_adv_acc)
@@ -164,12 +181,6 @@ class KWTAClassifier(L.LightningModule):
             self.net.train(was_training)
         return x_adv.detach()
 
-    def on_train_epoch_start(self) -> None:
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        layers = kwta_layers(self.net)
-        if layers:
-            self.log("gamma", next(iter(layers.values())).gamma)
-
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         if batch_idx == 0:
@@ -178,7 +189,7 @@ class KWTAClassifier(L.LightningModule):
         else:
             logits = self(x)
         self.val_acc.update(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True)
+        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -189,7 +200,7 @@ class KWTAClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         self.test_acc.update(logits, y)
-        self.log("test/loss", F.cross_entropy(logits, y))
+        self.log("test/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log("test/acc", self.test_acc)
 
     def swap_to(self, activation: str, gamma: float) -> None:
@@ -212,12 +223,19 @@ class KWTAClassifier(L.LightningModule):
             self.hparams.gamma = check_gamma(gamma)
         return changed
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the running metric states beside the weights (not in them: old checkpoints and
+        ``init_from`` compare state dicts key by key)."""
+        checkpoint["metric_states"] = {n: _metric_state(getattr(self, n)) for n in RESUMED_METRICS}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild the network when the checkpoint holds another activation or gamma than this one.
 
         Loading happens before the state dict is copied in, so the weights land in a network like
         the one they were trained in (e.g. testing or resuming a run whose activation changed).
+        The metric states are put back when training starts (Lightning resets them before).
         """
+        self._metric_states_to_load = checkpoint.get("metric_states")
         saved = checkpoint.get("hyper_parameters", {})
         changed = {
             key: saved[key]
@@ -277,3 +295,14 @@ class KWTAClassifier(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
         }
+
+
+def _metric_state(metric: Metric) -> dict[str, Any]:
+    # torchmetrics has no public way to save the update count; compute() warns without it.
+    return {"state": dict(metric.metric_state), "updates": metric._update_count}
+
+
+def _set_metric_state(metric: Metric, saved: Mapping[str, Any]) -> None:
+    for name, value in saved["state"].items():
+        setattr(metric, name, value.to(metric.device) if torch.is_tensor(value) else value)
+    metric._update_count = saved["updates"]

@@ -25,13 +25,13 @@ from rich.table import Table
 
 from kwta_lightning.console import exit_on_user_error
 from kwta_lightning.errors import KWTAError
+from kwta_lightning.jobs import ERROR_FILE
 
 Row = dict[str, Any]
 
 COLUMNS = ["job", "model", "act", "gamma", "data", "seed", "epochs", "val_acc_best", "test_acc"]
 TRAILING = ["status", "error", "output_dir"]
 PLOT = "gamma_vs_accuracy.png"
-ERROR_FILE = "error.txt"  # a failed sweep job's error line and traceback, in its folder
 
 
 def _is_training_run(config: Path) -> bool:
@@ -246,7 +246,10 @@ def figure(rows: list[Row], robust: list[str]) -> Figure:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: at the end of a sweep, say which jobs failed and summarise the sweep."""
+    """Hydra callback: at the end of a sweep, say which jobs failed and summarise the sweep.
+
+    The sweep then exits with status 1 when a job failed (Hydra itself exits 0 either way).
+    """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -255,12 +258,21 @@ class SweepSummary(Callback):
         if failed:
             logs = ", ".join(str(f.parent / f"{config.hydra.job.name}.log") for f in failed)
             print(f"sweep: {len(failed)} of {jobs} jobs failed; their logs: {logs}")
+            for error in failed:
+                first = error.read_text().partition("\n")[0].removeprefix("error: ")
+                print(f"sweep: failed job {error.parent.relative_to(sweep_dir)}: {first}")
         else:
             print(f"sweep: all {jobs} jobs finished")
         try:
             summarize([sweep_dir], sweep_dir)
         except KWTAError as err:
             print(f"sweep: no summary ({err})")
+        if failed:
+            print(
+                f"sweep: to rerun only the jobs that did not finish, run the same command with "
+                f"hydra.sweep.dir={sweep_dir}"
+            )
+            raise SystemExit(1)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,13 +1,21 @@
 """One training run from a composed config: fit, test the best checkpoint, write metrics.json.
 
-The same run works as one job of a Hydra sweep (a failing job is recorded, the sweep goes on) and
-under DDP (Lightning re-launches this script once per extra device; the children join the
-parent's run folder and only rank zero writes files).
+A run folder is one run, however often it is killed and started again: started again (the same
+command, or its sweep again) it resumes from its newest good checkpoint, refuses a config that
+would make it another run, and a finished run just reports its metrics. SIGTERM and SIGINT stop
+it at the end of the batch with a checkpoint of that step and exit status 128 + the signal.
+
+The same run works as one job of a Hydra sweep (the job trains in a child process it watches, so
+a killed job is recorded and the sweep goes on: see ``jobs``) and under DDP (Lightning re-launches
+this script once per extra device; the children join the parent's run folder and only rank
+zero writes files).
 """
 
 import json
 import logging
 import os
+import signal
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -17,50 +25,85 @@ import lightning as L
 import torch
 import wandb
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from kwta_lightning.checkpoints import (
+    RESUME_KEYS,
+    SafeCheckpointIO,
+    load_weights_only,
+    newest_good_checkpoint,
+)
 from kwta_lightning.console import error_line, print_config_tree, print_summary
-from kwta_lightning.errors import ConfigError
-from kwta_lightning.summarize import ERROR_FILE
+from kwta_lightning.errors import ConfigError, KWTAError
+from kwta_lightning.jobs import in_sweep, record_failure, run_in_child, sweep_job
+from kwta_lightning.loggers import AppendingCSVLogger
+from kwta_lightning.resume import ResumeState, check_same_run, move_previous_run
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("val_acc_best", "test_acc")  # what train.py can return to a sweeper (maximised)
 DDP_CHILD_ARGS = "KWTA_DDP_CHILD_ARGS"  # the job a DDP child process must run (JSON list)
+Resume = tuple[Path, dict[str, Any]]  # a checkpoint to resume from, and its contents
 
 
-def in_sweep() -> bool:
-    """Whether this process runs a job of a Hydra multirun."""
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+class Stopped(SystemExit):
+    """The run stopped on a signal after saving a checkpoint; the exit status is 128 + signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(128 + signum)
+        self.message = message
 
 
 def run_job(cfg: DictConfig) -> float | None:
     """train.py's task function: train, and return ``cfg.objective`` for the sweeper.
 
-    In a sweep a failure must not stop the other jobs: a one-line error and the traceback go to
-    error.txt in the job folder and the job returns None, which every launcher records as a
-    finished job and the Optuna sweeper as a failed trial. Outside a sweep errors propagate.
+    In a sweep a failure must not stop the other jobs: the job trains in a child process, a
+    one-line error (and the traceback, when there is one) goes to error.txt in the job folder and
+    the job returns None, which every launcher records as a finished job and the Optuna sweeper
+    as a failed trial. Outside a sweep errors propagate.
     """
     if cfg.objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective}")
-    if not in_sweep():
+    output_dir = Path(cfg.paths.output_dir)
+    if in_sweep():
+        return _objective(cfg, _sweep_job(cfg, output_dir))
+    if sweep_job() is None:
         return _objective(cfg, train(cfg))
-    try:
+    try:  # the child process of a sweep job: report the failure to the job
         return _objective(cfg, train(cfg))
+    except Stopped as err:
+        record_failure(output_dir, err.message)
+        raise
     except Exception as err:
-        log.exception("job failed; the sweep goes on")
-        text = f"error: {error_line(err)}\n\n{traceback.format_exc()}"
-        (Path(cfg.paths.output_dir) / ERROR_FILE).write_text(text)
+        record_failure(output_dir, error_line(err), traceback.format_exc())
+        raise
+
+
+def _sweep_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
+    """A job of a sweep: its metrics if it finished before, else those of its child's run."""
+    try:
+        done = _finished(cfg, output_dir, _resume_point(cfg, output_dir, move=False))
+    except KWTAError as err:
+        record_failure(output_dir, error_line(err))
+        log.error("job failed; the sweep goes on: %s", error_line(err))
         return None
+    if done is not None:
+        log.info("job already finished: %s", output_dir)
+        return done
+    devices = _job_devices(cfg)
+    extra = [f"trainer.devices={devices['devices']}"] if devices else []
+    return run_in_child(output_dir, extra)
 
 
-def _objective(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
-    value = metrics[cfg.objective]
+def _objective(cfg: DictConfig, metrics: dict[str, Any] | None) -> float | None:
+    value = None if metrics is None else metrics[cfg.objective]
     return None if value is None else float(value)
 
 
@@ -117,54 +160,157 @@ def _job_devices(cfg: DictConfig) -> dict[str, Any]:
     return {"devices": [HydraConfig.get().job.num % gpus]}
 
 
-def _resume_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """The checkpoint to resume from: ckpt_path, else last.ckpt of this run folder if there.
+def _resume_point(cfg: DictConfig, output_dir: Path, move: bool = True) -> Resume | None:
+    """The checkpoint this run continues from, loaded weights-only; None to start afresh.
 
-    A run folder holds last.ckpt already when a SLURM job is resubmitted after a timeout.
+    ``ckpt_path`` when given (any run's checkpoint, the user's choice). Otherwise, with
+    ``resume=true``, the newest good checkpoint of the run folder (a resubmitted job, a run
+    started again), refused when the config would make it another run; with ``resume=false``
+    what an earlier run left in the folder is moved aside (when ``move``) and training starts anew.
     """
-    if ckpt_path is None:
-        last = output_dir / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            log.info("resuming from %s (found in the run folder)", last)
-            return str(last)
+    if not isinstance(cfg.resume, bool):
+        raise ConfigError(f"resume must be true or false, got {cfg.resume!r}")
+    if cfg.ckpt_path is not None:
+        if not Path(cfg.ckpt_path).is_file():
+            raise ConfigError(
+                f"ckpt_path {cfg.ckpt_path} does not exist (resume needs a .ckpt file)"
+            )
+        return Path(cfg.ckpt_path), load_weights_only(cfg.ckpt_path, RESUME_KEYS)
+    if not cfg.resume:
+        if move and rank_zero_only.rank == 0 and (moved := move_previous_run(output_dir)):
+            log.warning("resume=false: the earlier run in this folder moved to %s", moved)
         return None
-    if not Path(ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path {ckpt_path} does not exist (resume needs a .ckpt file)")
-    return ckpt_path
+    found = newest_good_checkpoint(output_dir)
+    if found is not None:
+        check_same_run(output_dir, *found, _run_config(cfg))
+        log.info("resuming from %s (found in the run folder)", found[0])
+    return found
+
+
+def _run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as composed (interpolations kept: a moved folder is still the same run)."""
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _finished(cfg: DictConfig, output_dir: Path, resume: Resume | None) -> dict[str, Any] | None:
+    """The metrics of the run, when the folder's run already finished what ``cfg`` asks."""
+    metrics_file = output_dir / "metrics.json"
+    if resume is None or cfg.ckpt_path is not None or not metrics_file.is_file():
+        return None
+    metrics = json.loads(metrics_file.read_text())
+    return metrics if metrics.get("epochs") == cfg.trainer.max_epochs else None
 
 
 def _instantiate_all(section: DictConfig | None) -> list[Any]:
-    """Instantiate each entry of a dict-of-configs section (callbacks, loggers)."""
-    return [instantiate(entry) for entry in (section or {}).values() if entry]
+    """Instantiate each entry of a dict-of-configs section (callbacks, loggers); None: left out."""
+    made = [instantiate(entry) for entry in (section or {}).values() if entry]
+    return [item for item in made if item is not None]
+
+
+class StopOnSignal(Callback):
+    """On SIGTERM or SIGINT: finish the batch, save ``path`` (last.ckpt), stop.
+
+    Lightning stops at the end of the batch on SIGTERM (what SLURM and most schedulers send
+    before a kill) but saves nothing, and its SIGINT handling raises in the middle of a step;
+    here SIGINT is turned into SIGTERM (a second Ctrl-C interrupts at once) and the stop saves
+    a checkpoint of the step. Lightning's OnExceptionCheckpoint would save on any exception,
+    a crash's half-done step included, and changes how runs without ``ckpt_path`` start.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.signum, self.step = path, signal.SIGTERM, 0
+
+    def _on_sigint(self, signum: int, _frame: Any) -> None:
+        self.signum = signal.SIGINT
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self.step = trainer.global_step
+        trainer.save_checkpoint(self.path)
+        for logger in trainer.loggers:
+            logger.save()
+
+    def stopped(self, output_dir: Path) -> Stopped:
+        name = signal.Signals(self.signum).name
+        return Stopped(
+            self.signum,
+            f"stopped by {name} at step {self.step}; checkpoint {self.path}; to resume, run the "
+            f"same command (with hydra.run.dir={output_dir.resolve()})",
+        )
+
+
+def _plugins() -> list[Any]:
+    """Safe checkpoint I/O; on SLURM, requeue on the pre-timeout signal (see conf/hydra/launcher).
+
+    The requeued job runs in the same folder and resumes from the checkpoint saved on the signal.
+    """
+    plugins: list[Any] = [SafeCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
+    return plugins
+
+
+def _continue_logs(loggers: list[Any], resume: Resume | None) -> None:
+    """Keep the CSV log's rows up to the checkpoint the run continues from (none when afresh)."""
+    step = 0 if resume is None else resume[1].get("global_step", 0)
+    for logger in loggers:
+        if isinstance(logger, AppendingCSVLogger) and rank_zero_only.rank == 0:
+            logger.drop_rows_from(step)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test the model ``cfg`` describes; return the metrics written to metrics.json."""
     started = time.perf_counter()
+    config = _run_config(cfg)  # before instantiate, which resolves interpolations in place
     if rank_zero_only.rank == 0:
         print_config_tree(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    resume = _resume_path(cfg.ckpt_path, output_dir)
+    resume = _resume_point(cfg, output_dir)
+    if (done := _finished(cfg, output_dir, resume)) is not None:
+        print(f"this run finished before: {output_dir / 'metrics.json'}")
+        return done
+    if rank_zero_only.rank == 0:
+        (output_dir / "metrics.json").unlink(missing_ok=True)  # about to be out of date
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     model: L.LightningModule = instantiate(cfg.model)
     loggers = _instantiate_all(cfg.get("logger"))
+    _continue_logs(loggers, resume)
+    stop = StopOnSignal(output_dir / "checkpoints" / "last.ckpt")
+    own = [ResumeState(config, output_dir / ".hydra"), stop]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        callbacks=_instantiate_all(cfg.get("callbacks")),
+        callbacks=_instantiate_all(cfg.get("callbacks")) + own,
         logger=loggers or False,
+        plugins=_plugins(),
         **_job_devices(cfg),
     )
     _pin_ddp_children(trainer, output_dir)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume and str(resume[0]))
         metrics = _fit_metrics(cfg, trainer, model)
         if cfg.test:
             test = trainer.test(model, datamodule=datamodule, ckpt_path=metrics["ckpt_best"])[0]
             metrics |= {"test_acc": test["test/acc"], "test_loss": test["test/loss"]}
         metrics["wall_time_s"] = round(time.perf_counter() - started, 1)
+    except SIGTERMException:
+        stopped = stop.stopped(output_dir)
+        print(f"{stopped.message}", file=sys.stderr)
+        raise stopped from None
     finally:
         if wandb.run is not None:
             wandb.finish()

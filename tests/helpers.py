@@ -1,6 +1,7 @@
 """Test helpers: configs composed as the entry points compose them, CLI runs, real MNIST."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,15 +42,45 @@ def compose_train(output_dir: Path, overrides: list[str]) -> DictConfig:
 
 
 def run_cli(
-    *args: str, script: str = "train.py", cwd: Path = ROOT, timeout: int = 600
+    *args: str,
+    script: str = "train.py",
+    cwd: Path = ROOT,
+    timeout: int = 600,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run an entry point as a user would (python train.py key=value ...)."""
-    env = os.environ | {"KWTA_DATA_DIR": str(MNIST_ROOT), "WANDB_MODE": "offline"}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
-        env=env,
+        env=env or cli_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment run_cli gives an entry point, with ``extra`` added."""
+    return os.environ | {"KWTA_DATA_DIR": str(MNIST_ROOT), "WANDB_MODE": "offline"} | extra
+
+
+def start_cli(*args: str, stderr_to: Path) -> subprocess.Popen:
+    """Start train.py in the background (to signal it); stderr goes to ``stderr_to``."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=stderr_to.open("w"),
+    )
+
+
+class SigkillIf(Callback):
+    """Kill the training process outright (as the out-of-memory killer does) when gamma matches."""
+
+    def __init__(self, gamma: float, kill_gamma: float) -> None:
+        self.kill = gamma == kill_gamma
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.kill:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -24,7 +24,6 @@ from kwta_lightning.training import (
     DDP_CHILD_ARGS,
     NO_HYDRA_OUTPUT,
     _job_devices,
-    _resume_path,
     ddp_child_argv,
     run_job,
 )
@@ -130,8 +129,9 @@ def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path):
         "gamma=0.1,1.5,0.2",
         f"hydra.sweep.dir={tmp_path}",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]
     assert f"sweep: 1 of 3 jobs failed; their logs: {tmp_path}/1/train.log" in result.stdout
+    assert "sweep: failed job 1: gamma must lie in (0, 1], got 1.5" in result.stdout
     error = (tmp_path / "1" / "error.txt").read_text()
     assert error.startswith("error: gamma must lie in (0, 1], got 1.5\n")
     assert "Traceback" in error
@@ -208,11 +208,18 @@ def test_ddp_on_two_cpu_processes_writes_one_run_with_synchronised_accuracy(tmp_
     data = ImageDataModule.load_from_checkpoint(metrics["ckpt_best"], num_workers=0)
     data.setup()
     with torch.no_grad():
-        correct = torch.cat([model(x).argmax(1) == y for x, y in data.val_dataloader()])
+        batches = [(model(x), y) for x, y in data.val_dataloader()]
+    correct = torch.cat([logits.argmax(1) == y for logits, y in batches])
     assert len(correct) == 200
     assert correct.float().mean().item() == pytest.approx(metrics["val_acc_best"], abs=1e-6)
     rank_zero_half = correct[0::2].float().mean().item()  # what rank 0 alone would have logged
     assert rank_zero_half != pytest.approx(metrics["val_acc_best"], abs=1e-6)
+    # val/loss too: the mean over both processes' batches, not rank 0's alone.
+    loss = torch.cat(
+        [torch.nn.functional.cross_entropy(lg, y, reduction="none") for lg, y in batches]
+    )
+    logged = [float(r["val/loss"]) for r in read_csv(run / "csv" / "metrics.csv") if r["val/loss"]]
+    assert logged == [pytest.approx(loss.mean().item(), abs=1e-4)]
 
 
 def test_ddp_child_runs_its_parents_job(monkeypatch):
@@ -259,11 +266,40 @@ def test_slurm_launcher_asks_for_the_trainers_gpus_and_resubmits_on_timeout():
     assert cfg.trainer.strategy == "ddp"
 
 
-def test_a_run_folder_with_last_ckpt_resumes_from_it(tmp_path):
-    assert _resume_path(None, tmp_path) is None
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
-    assert _resume_path(None, tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+@pytest.mark.slow
+def test_a_joblib_job_killed_outright_is_recorded_and_a_rerun_redoes_only_it(tmp_path):
+    sweep = [
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        *TINY[:1],
+        "debug=limit",
+        "data.batch_size=16",
+        "data.image_size=16",
+        "model=cnn",
+        "logger=csv",
+        "gamma=0.1,0.2,0.3",
+        "+callbacks.die._target_=tests.helpers.SigkillIf",
+        "+callbacks.die.gamma=${gamma}",
+        "+callbacks.die.kill_gamma=0.2",  # job 1 dies as the out-of-memory killer kills
+        f"hydra.sweep.dir={tmp_path}",
+    ]
+    result = run_cli(*sweep)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "TerminatedWorkerError" not in result.stderr
+    killed = "the training process was killed by SIGKILL (what the out-of-memory killer sends)"
+    assert (tmp_path / "1" / "error.txt").read_text().startswith(f"error: {killed}")
+    assert f"sweep: failed job 1: {killed}" in result.stdout
+    finished = {job: (tmp_path / job / "metrics.json").stat().st_mtime for job in "02"}
+    rows = {r["job"]: r["status"] for r in read_csv(tmp_path / "summary.csv")}
+    assert rows == {"0": "ok", "1": "failed", "2": "ok"}
+
+    rerun = run_cli(*sweep)
+    assert rerun.returncode == 1
+    assert {job: (tmp_path / job / "metrics.json").stat().st_mtime for job in "02"} == finished
+    for job in "02":
+        assert "job already finished" in (tmp_path / job / "train.log").read_text()
+    assert (tmp_path / "1" / "error.txt").read_text().startswith(f"error: {killed}")
 
 
 def test_unknown_objective_is_refused(tmp_path):
