@@ -204,7 +204,7 @@ def test_cli_refuses_a_truncated_checkpoint_in_one_line(checkpoint, tmp_path):
     assert (
         result.stderr.strip()
         .splitlines()[-1]
-        .startswith(f"error: checkpoint {truncated} is truncated or not a PyTorch file")
+        .startswith(f"error: checkpoint {truncated} is empty, truncated or not a PyTorch file")
     )
     assert "Traceback" not in result.stderr
 
@@ -231,7 +231,7 @@ def test_missing_and_foreign_files_are_named(tmp_path):
         load_checkpoint(pickled)
     foreign = tmp_path / "weights.pt"
     torch.save({"weight": torch.zeros(2)}, foreign)
-    with pytest.raises(CheckpointError, match="not a kwta-lightning training checkpoint"):
+    with pytest.raises(CheckpointError, match="not a training checkpoint of train.py"):
         load_checkpoint(foreign)
 
 

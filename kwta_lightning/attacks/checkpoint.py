@@ -1,60 +1,25 @@
-"""Rebuild a model and its data module from a checkpoint without running pickled code.
+"""Rebuild a model and its data module from a checkpoint without running pickled code
+(``kwta_lightning.checkpoints.load_weights_only``)."""
 
-``torch.load(..., weights_only=True)`` only unpickles tensors and plain containers, so a
-checkpoint crafted to run code on load is refused instead of executed. Lightning checkpoints from
-``train.py`` hold only plain types; Lightning's ``AttributeDict`` (hyper-parameters of older
-modules) is the one class allow-listed.
-"""
-
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.data import AttributeDict
 
+from kwta_lightning.checkpoints import CheckpointError, load_weights_only
 from kwta_lightning.data import ImageDataModule
-from kwta_lightning.errors import ConfigError, KWTAError
+from kwta_lightning.errors import ConfigError
 from kwta_lightning.module import KWTAClassifier
+
+__all__ = ["CheckpointError", "build_data", "build_model", "choose_samples", "load_checkpoint"]
 
 REQUIRED_KEYS = ("state_dict", "hyper_parameters", "datamodule_hyper_parameters")
 
 
-class CheckpointError(KWTAError):
-    """The checkpoint file is missing, unreadable, unsafe or not from train.py."""
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's contents, loaded weights-only; CheckpointError names what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not zipfile.is_zipfile(path):  # torch.save writes zip archives
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or not a PyTorch file (no zip archive)"
-        )
-    try:
-        with torch.serialization.safe_globals([AttributeDict]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(
-            f"checkpoint {path} was refused: it holds objects other than tensors and plain "
-            f"values, which could run code on load ({first})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or not a PyTorch file ({first})"
-        ) from None
-    missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {path} is not a kwta-lightning training checkpoint "
-            f"(missing {', '.join(missing)})"
-        )
-    return ckpt
+    """A train.py checkpoint's contents, loaded weights-only; CheckpointError names what is
+    wrong."""
+    return load_weights_only(path, REQUIRED_KEYS)
 
 
 def build_model(ckpt: dict[str, Any]) -> KWTAClassifier:
