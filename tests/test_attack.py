@@ -140,7 +140,7 @@ def test_every_attack_stays_in_bounds_and_worst_case_is_below_each(relu_net):
         # images_per_s: the inputs attacked at that eps over that eps's (rounded) wall time
         assert row["images_per_s"] > 0, row["attack"]
         seconds = len(x) / row["images_per_s"]
-        assert seconds == pytest.approx(row["wall_time_s"], rel=1e-3, abs=0.005), row["attack"]
+        assert seconds == pytest.approx(row["wall_time_s"], rel=1e-3, abs=0.01), row["attack"]
     # DeepFool runs once for both eps, so both its rows carry that run's time.
     assert len({r["images_per_s"] for r in rows if r["attack"] == "deepfool"}) == 1
     # The plain net falls to white-box PGD at eps 0.3, and VGA reports its targeted rate.

@@ -95,7 +95,7 @@ def test_cli_writes_the_report_files_and_schema(checkpoint, tmp_path):
         assert row.keys() >= SCHEMA_RESULT
         assert row["norm"] == "linf" and row["wall_time_s"] >= 0 and row["images_per_s"] > 0
         seconds = report["n_samples"] / row["images_per_s"]
-        assert seconds == pytest.approx(row["wall_time_s"], rel=1e-3, abs=0.005)
+        assert seconds == pytest.approx(row["wall_time_s"], rel=1e-3, abs=0.01)
         if row["eps"] == 0:
             assert row["robust_acc"] == report["clean_acc"]
     assert rows[0]["params"]["steps"] == 5 and rows[0]["params"]["restarts"] == 1
