@@ -14,24 +14,27 @@ from omegaconf import DictConfig
 from kwta_lightning.attacks.runner import run
 from kwta_lightning.console import exit_on_user_error
 
-ATTACK_CONFIGS = Path(__file__).resolve().parent / "conf" / "attack"
+CONF = Path(__file__).resolve().parent / "conf"
 
 
 def check_attack_names(argv: list[str]) -> None:
-    """Refuse unknown names in ``attack=[...]`` in one line that lists the known ones.
+    """Refuse unknown names in ``attack=[...]`` and ``preset=...`` in one line that lists the
+    known ones.
 
-    Hydra's own error for a missing option in a list names the option but not the choices.
+    Hydra's own error for a missing option in a list names the option but not the choices, and
+    an unknown option of the optional preset group is silently ignored.
     """
-    known = sorted(p.stem for p in ATTACK_CONFIGS.glob("*.yaml"))
     for arg in argv:
         key, _, value = arg.partition("=")
-        if key.lstrip("+~") != "attack":
+        group = key.lstrip("+~")
+        if group not in ("attack", "preset"):
             continue
+        known = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
         names = [n.strip() for n in value.strip("[]").split(",") if n.strip()]
         unknown = [n for n in names if n not in known]
         if unknown:
             print(
-                f"error: unknown attack {', '.join(unknown)}; known: {', '.join(known)}",
+                f"error: unknown {group} {', '.join(unknown)}; known: {', '.join(known)}",
                 file=sys.stderr,
             )
             sys.exit(2)

@@ -218,6 +218,12 @@ def test_cli_lists_the_attacks_when_one_does_not_exist(tmp_path):
     )
 
 
+def test_cli_names_an_unknown_preset_instead_of_ignoring_it(tmp_path):
+    result = run_attack_cli("ckpt_path=x.ckpt", "preset=nope", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: unknown preset nope; known: mnist_kwta"
+
+
 def test_missing_and_foreign_files_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.ckpt")
