@@ -219,6 +219,7 @@ class StopOnSignal(Callback):
 
     def __init__(self, path: Path) -> None:
         self.path, self.signum, self.step = path, signal.SIGTERM, 0
+        self.deferred = False
 
     def _on_sigint(self, signum: int, _frame: Any) -> None:
         self.signum = signal.SIGINT
@@ -227,6 +228,18 @@ class StopOnSignal(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         signal.signal(signal.SIGINT, self._on_sigint)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
+        # Lightning stops in the middle of validation on SIGTERM, and a checkpoint saved there
+        # resumes into an epoch it never trains; so hold the signal until validation is done,
+        # and the run stops at the epoch end (or the batch end, with mid-epoch validation).
+        connector = trainer._signal_connector  # no public setter for received_sigterm
+        if trainer.state.fn == TrainerFn.FITTING and connector.received_sigterm:
+            connector.received_sigterm, self.deferred = False, True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.deferred:
+            trainer._signal_connector.received_sigterm, self.deferred = True, False
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -84,3 +84,17 @@ class SigkillIf(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if self.kill:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalDuringValidation(Callback):
+    """Send this process ``signum`` in the middle of validation after ``epoch``, unless ``done``
+    exists (it is created then: the resumed run, same config, redoes that validation in peace)."""
+
+    def __init__(self, signum: int, epoch: int, done: str) -> None:
+        self.signum, self.epoch, self.done = signum, epoch, Path(done)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *_) -> None:
+        fire = trainer.current_epoch == self.epoch and batch_idx == 1 and not self.done.exists()
+        if fire and not trainer.sanity_checking:
+            self.done.touch()
+            os.kill(os.getpid(), self.signum)

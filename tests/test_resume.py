@@ -41,15 +41,24 @@ def ckpt_step(path: Path) -> int:
     return torch.load(path, weights_only=True)["global_step"]
 
 
-def signal_after_checkpoint(run: Path, signum: int, min_step: int, delay_s: float = 0.0):
-    """Start the MNIST run, send ``signum`` once last.ckpt holds step >= min_step; exit status."""
+STEPS_PER_EPOCH = 12
+
+
+def signal_mid_epoch(run: Path, signum: int, min_step: int, run_on_s: float = 0.0) -> int:
+    """Start the MNIST run; once last.ckpt holds a step >= min_step, let it run ``run_on_s`` more,
+    freeze it (SIGSTOP) and send ``signum`` if its newest checkpoint is mid-epoch (else let it go
+    on to the next one). Freezing first makes "mid-epoch" a fact, not a race; the exit status."""
     proc = start_cli(*MNIST_RUN, f"hydra.run.dir={run}", stderr_to=run.parent / f"{run.name}.err")
     last = run / "checkpoints" / "last.ckpt"
     while proc.poll() is None:
         if last.is_file() and ckpt_step(last) >= min_step:
-            time.sleep(delay_s)
-            proc.send_signal(signum)
-            break
+            time.sleep(run_on_s)
+            proc.send_signal(signal.SIGSTOP)
+            if ckpt_step(last) % STEPS_PER_EPOCH:
+                proc.send_signal(signum)
+                proc.send_signal(signal.SIGCONT)
+                break
+            proc.send_signal(signal.SIGCONT)
         time.sleep(0.05)
     return proc.wait(timeout=300)
 
@@ -72,10 +81,9 @@ def uninterrupted(tmp_path_factory) -> Path:
 @needs_mnist
 def test_killed_mid_epoch_and_resumed_is_the_same_run(uninterrupted, tmp_path):
     run = tmp_path / "run"
-    assert signal_after_checkpoint(run, signal.SIGKILL, min_step=15, delay_s=0.3) == -9
+    assert signal_mid_epoch(run, signal.SIGKILL, min_step=15, run_on_s=0.3) == -9
     assert not (run / "metrics.json").exists()
-    killed_at = ckpt_step(run / "checkpoints" / "last.ckpt")
-    assert killed_at % 12 != 0 or killed_at == 0, "resumes from within an epoch"
+    assert ckpt_step(run / "checkpoints" / "last.ckpt") % STEPS_PER_EPOCH, "resumes mid-epoch"
     resumed = run_cli(*MNIST_RUN, f"hydra.run.dir={run}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
@@ -87,12 +95,34 @@ def test_killed_mid_epoch_and_resumed_is_the_same_run(uninterrupted, tmp_path):
 @needs_mnist
 def test_sigterm_saves_the_step_exits_non_zero_and_resumes_from_it(uninterrupted, tmp_path):
     run = tmp_path / "run"
-    assert signal_after_checkpoint(run, signal.SIGTERM, min_step=15, delay_s=0.2) == 128 + 15
+    assert signal_mid_epoch(run, signal.SIGTERM, min_step=15, run_on_s=0.2) == 128 + 15
     last_line = (tmp_path / "run.err").read_text().strip().splitlines()[-1]
     assert last_line.startswith("stopped by SIGTERM at step "), last_line
     step = int(last_line.removeprefix("stopped by SIGTERM at step ").partition(";")[0])
     assert ckpt_step(run / "checkpoints" / "last.ckpt") == step
     resumed = run_cli(*MNIST_RUN, f"hydra.run.dir={run}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert outcome(run) == outcome(uninterrupted)
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_sigint_during_validation_stops_at_the_epoch_end_and_resumes_the_same_run(
+    uninterrupted, tmp_path
+):
+    # Saved mid-validation, Lightning's checkpoint would resume past the next epoch untrained.
+    run, done = tmp_path / "run", tmp_path / "signalled"
+    signal_in_validation = [
+        "+callbacks.sig._target_=tests.helpers.SignalDuringValidation",
+        f"+callbacks.sig.signum={int(signal.SIGINT)}",
+        "+callbacks.sig.epoch=1",
+        f"+callbacks.sig.done={done}",
+    ]
+    stopped = run_cli(*MNIST_RUN, *signal_in_validation, f"hydra.run.dir={run}")
+    assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr[-3000:]
+    last_line = stopped.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"stopped by SIGINT at step {2 * STEPS_PER_EPOCH};"), last_line
+    resumed = run_cli(*MNIST_RUN, *signal_in_validation, f"hydra.run.dir={run}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert outcome(run) == outcome(uninterrupted)
 
