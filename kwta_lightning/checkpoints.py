@@ -104,10 +104,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
 def resume_candidates(output_dir: Path) -> list[Path]:
     """The run folder's checkpoints a resume may start from, newest first.
 
-    last.ckpt (epoch end, every few minutes or steps, and on SIGTERM), Lightning's SLURM
-    ``hpc_ckpt_*.ckpt`` (saved on the requeue signal) and best.ckpt (an older epoch).
+    last.ckpt (epoch end, every few minutes or steps, on SIGTERM and on SLURM's requeue signal)
+    and best.ckpt (an older epoch).
     """
-    files = [*output_dir.glob("hpc_ckpt_*.ckpt"), *(output_dir / "checkpoints").glob("*.ckpt")]
+    files = (output_dir / "checkpoints").glob("*.ckpt")
     return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import wandb
 from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from kwta_lightning.jobs import in_sweep, sweep_job
@@ -157,3 +157,15 @@ class AppendingCSVLogger(CSVLogger):
 
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         self.save()
+
+
+class AppendingTensorBoardLogger(TensorBoardLogger):
+    """A TensorBoardLogger that a resumed run continues in the same folder."""
+
+    def purge_from(self, step: int) -> None:
+        """Hide the events of steps >= ``step`` (work after the checkpoint the run resumes from).
+
+        SummaryWriter's ``purge_step`` writes a restart marker; TensorBoard drops older files'
+        events from that step on when it reads the folder.
+        """
+        self._kwargs["purge_step"] = step  # Lightning passes its extra kwargs to SummaryWriter

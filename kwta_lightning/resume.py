@@ -164,12 +164,8 @@ RUN_OUTPUTS = ("checkpoints", "csv", "tensorboard", "wandb", "metrics.json", "er
 
 
 def move_previous_run(output_dir: Path) -> Path | None:
-    """Move what an earlier run left in ``output_dir`` to previous/<time>/; return where, if any.
-
-    Also Lightning's hpc_ckpt_*.ckpt, which Lightning would otherwise resume from by itself.
-    """
+    """Move what an earlier run left in ``output_dir`` to previous/<time>/; return where, if any."""
     leftovers = [output_dir / n for n in RUN_OUTPUTS if (output_dir / n).exists()]
-    leftovers += sorted(output_dir.glob("hpc_ckpt_*.ckpt"))
     if not leftovers:
         return None
     target = output_dir / "previous" / time.strftime("%Y-%m-%d_%H-%M-%S")

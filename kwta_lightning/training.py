@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -43,7 +44,7 @@ from kwta_lightning.checkpoints import (
 from kwta_lightning.console import error_line, print_config_tree, print_summary
 from kwta_lightning.errors import ConfigError, KWTAError
 from kwta_lightning.jobs import in_sweep, record_failure, run_in_child, sweep_job
-from kwta_lightning.loggers import AppendingCSVLogger
+from kwta_lightning.loggers import AppendingCSVLogger, AppendingTensorBoardLogger
 from kwta_lightning.resume import ResumeState, check_same_run, move_previous_run
 
 log = logging.getLogger(__name__)
@@ -208,26 +209,32 @@ def _instantiate_all(section: DictConfig | None) -> list[Any]:
 
 
 class StopOnSignal(Callback):
-    """On SIGTERM or SIGINT: finish the batch, save ``path`` (last.ckpt), stop.
+    """On SIGTERM or SIGINT (and SLURM's requeue signal): finish the batch, save ``path``, stop.
 
     Lightning stops at the end of the batch on SIGTERM (what SLURM and most schedulers send
     before a kill) but saves nothing, and its SIGINT handling raises in the middle of a step;
     here SIGINT is turned into SIGTERM (a second Ctrl-C interrupts at once) and the stop saves
     a checkpoint of the step. Lightning's OnExceptionCheckpoint would save on any exception,
     a crash's half-done step included, and changes how runs without ``ckpt_path`` start.
+    On SLURM, SIGUSR1 (sent before the time limit, see conf/hydra/launcher/slurm.yaml) stops
+    the same way and then requeues the job: Lightning's own requeue saves from inside the signal
+    handler, which can fall between two parameters' updates of one optimizer step.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.signum, self.step = path, signal.SIGTERM, 0
-        self.deferred = False
+    def __init__(self, path: Path, slurm_job: str | None) -> None:
+        self.path, self.slurm_job = path, slurm_job
+        self.signum, self.step, self.deferred = signal.SIGTERM, 0, False
 
-    def _on_sigint(self, signum: int, _frame: Any) -> None:
-        self.signum = signal.SIGINT
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         os.kill(os.getpid(), signal.SIGTERM)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        signal.signal(signal.SIGINT, self._on_sigint)
+        signal.signal(signal.SIGINT, self._on_signal)
+        if self.slurm_job is not None:
+            signal.signal(signal.SIGUSR1, self._on_signal)
 
     def on_validation_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
         # Lightning stops in the middle of validation on SIGTERM, and a checkpoint saved there
@@ -256,31 +263,50 @@ class StopOnSignal(Callback):
             logger.save()
 
     def stopped(self, output_dir: Path) -> Stopped:
+        """The stop to raise; on SLURM's signal, after requeueing the job."""
         name = signal.Signals(self.signum).name
-        return Stopped(
-            self.signum,
-            f"stopped by {name} at step {self.step}; checkpoint {self.path}; to resume, run the "
-            f"same command (with hydra.run.dir={output_dir.resolve()})",
-        )
+        then = f"to resume, run the same command (with hydra.run.dir={output_dir.resolve()})"
+        if self.signum == signal.SIGUSR1 and self.slurm_job is not None:
+            then = _requeue(self.slurm_job)
+        message = f"stopped by {name} at step {self.step}; checkpoint {self.path}; {then}"
+        return Stopped(self.signum, message)
+
+
+def _slurm_job() -> str | None:
+    """The SLURM job (array task) this run is, for requeueing; None outside SLURM."""
+    if not SLURMEnvironment.detect():
+        return None
+    if (array_job := os.environ.get("SLURM_ARRAY_JOB_ID")) is not None:
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ["SLURM_JOB_ID"]
+
+
+def _requeue(job: str) -> str:
+    """Requeue the SLURM job (rank zero only); what happened, for the stop line."""
+    if rank_zero_only.rank != 0:
+        return "rank zero requeues the job"
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode != 0:
+        return f"requeueing SLURM job {job} failed: {result.stderr.strip() or result.returncode}"
+    return f"requeued SLURM job {job}; it resumes in the same folder"
 
 
 def _plugins() -> list[Any]:
-    """Safe checkpoint I/O; on SLURM, requeue on the pre-timeout signal (see conf/hydra/launcher).
-
-    The requeued job runs in the same folder and resumes from the checkpoint saved on the signal.
-    """
+    """Safe checkpoint I/O; on SLURM, the cluster environment without Lightning's requeue."""
     plugins: list[Any] = [SafeCheckpointIO()]
     if SLURMEnvironment.detect():
-        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return plugins
 
 
 def _continue_logs(loggers: list[Any], resume: Resume | None) -> None:
-    """Keep the CSV log's rows up to the checkpoint the run continues from (none when afresh)."""
+    """Keep the logs up to the checkpoint the run continues from (nothing when afresh)."""
     step = 0 if resume is None else resume[1].get("global_step", 0)
     for logger in loggers:
         if isinstance(logger, AppendingCSVLogger) and rank_zero_only.rank == 0:
             logger.drop_rows_from(step)
+        if isinstance(logger, AppendingTensorBoardLogger):
+            logger.purge_from(step)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -301,7 +327,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model: L.LightningModule = instantiate(cfg.model)
     loggers = _instantiate_all(cfg.get("logger"))
     _continue_logs(loggers, resume)
-    stop = StopOnSignal(output_dir / "checkpoints" / "last.ckpt")
+    stop = StopOnSignal(output_dir / "checkpoints" / "last.ckpt", _slurm_job())
     own = [ResumeState(config, output_dir / ".hydra"), stop]
     trainer: L.Trainer = instantiate(
         cfg.trainer,

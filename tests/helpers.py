@@ -64,12 +64,12 @@ def cli_env(**extra: str) -> dict[str, str]:
     return os.environ | {"KWTA_DATA_DIR": str(MNIST_ROOT), "WANDB_MODE": "offline"} | extra
 
 
-def start_cli(*args: str, stderr_to: Path) -> subprocess.Popen:
+def start_cli(*args: str, stderr_to: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start train.py in the background (to signal it); stderr goes to ``stderr_to``."""
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=ROOT,
-        env=cli_env(),
+        env=env or cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=stderr_to.open("w"),
     )

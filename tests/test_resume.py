@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kwta_lightning import kwta_select
 from kwta_lightning.checkpoints import CheckpointError, SafeCheckpointIO, newest_good_checkpoint
-from kwta_lightning.loggers import wandb_logger
+from kwta_lightning.loggers import AppendingTensorBoardLogger, wandb_logger
 from kwta_lightning.resume import changed_keys, move_previous_run
 from kwta_lightning.training import train
 from tests.helpers import cli_env, compose_train, needs_mnist, run_cli, start_cli
@@ -44,11 +46,14 @@ def ckpt_step(path: Path) -> int:
 STEPS_PER_EPOCH = 12
 
 
-def signal_mid_epoch(run: Path, signum: int, min_step: int, run_on_s: float = 0.0) -> int:
+def signal_mid_epoch(
+    run: Path, signum: int, min_step: int, run_on_s: float = 0.0, env: dict[str, str] | None = None
+) -> int:
     """Start the MNIST run; once last.ckpt holds a step >= min_step, let it run ``run_on_s`` more,
     freeze it (SIGSTOP) and send ``signum`` if its newest checkpoint is mid-epoch (else let it go
     on to the next one). Freezing first makes "mid-epoch" a fact, not a race; the exit status."""
-    proc = start_cli(*MNIST_RUN, f"hydra.run.dir={run}", stderr_to=run.parent / f"{run.name}.err")
+    err = run.parent / f"{run.name}.err"
+    proc = start_cli(*MNIST_RUN, f"hydra.run.dir={run}", stderr_to=err, env=env)
     last = run / "checkpoints" / "last.ckpt"
     while proc.poll() is None:
         if last.is_file() and ckpt_step(last) >= min_step:
@@ -102,6 +107,33 @@ def test_sigterm_saves_the_step_exits_non_zero_and_resumes_from_it(uninterrupted
     assert ckpt_step(run / "checkpoints" / "last.ckpt") == step
     resumed = run_cli(*MNIST_RUN, f"hydra.run.dir={run}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert outcome(run) == outcome(uninterrupted)
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_on_slurm_the_requeue_signal_saves_the_step_requeues_and_the_job_resumes(
+    uninterrupted, tmp_path
+):
+    # A SLURM job's environment, and an scontrol that notes what it is asked.
+    bin_dir, asked = tmp_path / "bin", tmp_path / "scontrol.args"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {asked}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train"}
+    slurm |= {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    env = cli_env(PATH=f"{bin_dir}:{os.environ['PATH']}", **slurm)
+
+    run = tmp_path / "run"
+    assert signal_mid_epoch(run, signal.SIGUSR1, min_step=15, run_on_s=0.2, env=env) == 128 + 10
+    last_line = (tmp_path / "run.err").read_text().strip().splitlines()[-1]
+    assert last_line.startswith("stopped by SIGUSR1 at step "), last_line
+    assert last_line.endswith("requeued SLURM job 4242; it resumes in the same folder"), last_line
+    assert asked.read_text() == "requeue 4242\n"
+    step = int(last_line.removeprefix("stopped by SIGUSR1 at step ").partition(";")[0])
+    assert ckpt_step(run / "checkpoints" / "last.ckpt") == step
+    requeued = run_cli(*MNIST_RUN, f"hydra.run.dir={run}", env=env)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert outcome(run) == outcome(uninterrupted)
 
 
@@ -287,3 +319,20 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path):
     assert again._wandb_init["resume"] == "allow"
     other = wandb_logger(save_dir=str(tmp_path / "other"), project="p", mode="disabled")
     assert other._wandb_init["id"] != first._wandb_init["id"]
+
+
+def test_a_resumed_tensorboard_log_shows_each_step_once(tmp_path):
+    killed = AppendingTensorBoardLogger(tmp_path, name="tensorboard", version="")
+    for step in range(10):  # the checkpoint was at step 6; steps 6-9 are lost work
+        killed.log_metrics({"train/loss": 10.0 - step}, step=step)
+    killed.finalize("failed")
+    resumed = AppendingTensorBoardLogger(tmp_path, name="tensorboard", version="")
+    resumed.purge_from(6)
+    for step in range(6, 8):
+        resumed.log_metrics({"train/loss": -step}, step=step)
+    resumed.finalize("success")
+
+    events = EventAccumulator(killed.log_dir)
+    events.Reload()
+    curve = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert curve == [(s, 10.0 - s) for s in range(6)] + [(6, -6.0), (7, -7.0)]
