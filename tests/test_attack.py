@@ -26,6 +26,7 @@ from kwta_lightning.attacks.diagnostics import (
 )
 from kwta_lightning.attacks.evaluate import Evaluator, evaluate, result_rows
 from kwta_lightning.attacks.pgd import PGD
+from kwta_lightning.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -185,11 +186,29 @@ def test_nes_gradient_estimate_points_along_the_true_gradient():
     x, y = torch.rand(2, 1, 4, 4) * 0.5 + 0.25, torch.tensor([0, 1])
     attack = NESPGD(samples=4000, sigma=0.01, chunk=500)
     attack.generator = torch.Generator().manual_seed(0)
-    estimate, _ = attack.gradient(model, x, y)
+    estimate, _ = attack.gradient(model, x, y, step=0)
     x_grad = x.clone().requires_grad_(True)
     (true,) = torch.autograd.grad(margin_loss(model(x_grad), y).sum(), x_grad)
     cosine = nn.functional.cosine_similarity(estimate.flatten(1), true.flatten(1))
     assert (cosine > 0.9).all(), cosine
+
+
+def test_nes_draws_each_phases_samples_per_step():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    with torch.no_grad():  # always class 0: never fooled, every step runs
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([9.0, 0.0, 0.0]))
+    batches = []
+    model.register_forward_hook(lambda _m, inputs, _out: batches.append(len(inputs[0])))
+    attack = NESPGD(samples=[4, 8, 16], steps=4, decay_at=[0.5, 0.75], chunk=100)
+    attack.attack(model, torch.rand(3, 1, 4, 4), torch.zeros(3, dtype=torch.long), eps=0.1)
+    probes = [b for b in batches if b != 3]  # leave out the predictions at x itself
+    assert probes == [4 * 3, 4 * 3, 8 * 3, 16 * 3]  # steps 0-1, step 2, step 3; 3 inputs
+
+
+def test_nes_refuses_a_sample_schedule_that_does_not_fit_its_steps():
+    with pytest.raises(ConfigError, match=r"samples must be 3 counts >= 2 .* got \[100, 1000\]"):
+        NESPGD(samples=[100, 1000], name="nes_pgd")
 
 
 def diagnose(model: nn.Module, attack_names: str, eps: float = 0.3, n: int = 16):

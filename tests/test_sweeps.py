@@ -31,7 +31,7 @@ from tests.helpers import ROOT, compose_train, run_cli
 
 # One batch of train, val and test per job, small batches: a job takes seconds.
 TINY = ["data=fake", "debug=fdr", "data.batch_size=16"]
-GRID = ["model=cnn,resnet18", "gamma=0.05,0.1"]
+GRID = ["model=cnn,resnet18", "gamma=0.1"]  # architecture x gamma, two jobs
 
 
 def read_csv(path):
@@ -72,18 +72,13 @@ def multirun_hydra(tmp_path):
 @pytest.mark.slow
 def test_basic_launcher_sweep_writes_one_folder_per_job_and_a_summary(basic_sweep):
     sweep_dir, result = basic_sweep
-    for job in range(4):
+    for job in range(2):
         metrics = json.loads((sweep_dir / str(job) / "metrics.json").read_text())
         assert metrics["output_dir"] == str((sweep_dir / str(job)).resolve())
     rows = job_rows(sweep_dir)
-    assert [(m, g) for m, g, _, _ in rows] == [
-        ("cnn", "0.05"),
-        ("cnn", "0.1"),
-        ("resnet18", "0.05"),
-        ("resnet18", "0.1"),
-    ]
+    assert [(m, g) for m, g, _, _ in rows] == [("cnn", "0.1"), ("resnet18", "0.1")]
     assert all(float(acc) >= 0 for _, _, _, acc in rows)
-    assert "sweep: all 4 jobs finished" in result.stdout
+    assert "sweep: all 2 jobs finished" in result.stdout
     assert (sweep_dir / "gamma_vs_accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -278,28 +273,27 @@ def test_a_joblib_job_killed_outright_is_recorded_and_a_rerun_redoes_only_it(tmp
         "data.image_size=16",
         "model=cnn",
         "logger=csv",
-        "gamma=0.1,0.2,0.3",
+        "gamma=0.2,0.1",
         "+callbacks.die._target_=tests.helpers.SigkillIf",
         "+callbacks.die.gamma=${gamma}",
-        "+callbacks.die.kill_gamma=0.2",  # job 1 dies as the out-of-memory killer kills
+        "+callbacks.die.kill_gamma=0.2",  # job 0 dies as the out-of-memory killer kills
         f"hydra.sweep.dir={tmp_path}",
     ]
     result = run_cli(*sweep)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "TerminatedWorkerError" not in result.stderr
     killed = "the training process was killed by SIGKILL (what the out-of-memory killer sends)"
-    assert (tmp_path / "1" / "error.txt").read_text().startswith(f"error: {killed}")
-    assert f"sweep: failed job 1: {killed}" in result.stdout
-    finished = {job: (tmp_path / job / "metrics.json").stat().st_mtime for job in "02"}
+    assert (tmp_path / "0" / "error.txt").read_text().startswith(f"error: {killed}")
+    assert f"sweep: failed job 0: {killed}" in result.stdout
+    finished = (tmp_path / "1" / "metrics.json").stat().st_mtime
     rows = {r["job"]: r["status"] for r in read_csv(tmp_path / "summary.csv")}
-    assert rows == {"0": "ok", "1": "failed", "2": "ok"}
+    assert rows == {"0": "failed", "1": "ok"}
 
     rerun = run_cli(*sweep)
     assert rerun.returncode == 1
-    assert {job: (tmp_path / job / "metrics.json").stat().st_mtime for job in "02"} == finished
-    for job in "02":
-        assert "job already finished" in (tmp_path / job / "train.log").read_text()
-    assert (tmp_path / "1" / "error.txt").read_text().startswith(f"error: {killed}")
+    assert (tmp_path / "1" / "metrics.json").stat().st_mtime == finished
+    assert "job already finished" in (tmp_path / "1" / "train.log").read_text()
+    assert (tmp_path / "0" / "error.txt").read_text().startswith(f"error: {killed}")
 
 
 def test_unknown_objective_is_refused(tmp_path):

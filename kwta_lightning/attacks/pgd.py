@@ -64,13 +64,16 @@ class PGD(Attack):
         self.decay_at, self.loss = sorted(decay_at), loss
         self.random_start, self.momentum, self.seed = random_start, momentum, seed
 
+    def phase(self, step: int) -> int:
+        """How many decay points iteration ``step`` has passed (0 before the first)."""
+        return sum(step >= fraction * self.steps for fraction in self.decay_at)
+
     def step_size(self, step: int, eps: float) -> float:
         """The step at iteration ``step``: halved once for every decay point already passed."""
-        halvings = sum(step >= fraction * self.steps for fraction in self.decay_at)
-        return self.rel_stepsize * eps * 0.5**halvings
+        return self.rel_stepsize * eps * 0.5 ** self.phase(step)
 
     def gradient(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The input gradient of the summed loss and the predictions at x, from one forward
         pass (``NESPGD`` estimates the gradient instead)."""
@@ -125,7 +128,7 @@ class PGD(Attack):
                     len(active),
                     len(x),
                 )
-            grad, preds = self.gradient(model, x_adv[active], y[active])
+            grad, preds = self.gradient(model, x_adv[active], y[active], step)
             wrong = preds != y[active]
             fooled[active[wrong]] = True
             active, grad = active[~wrong], grad[~wrong]
