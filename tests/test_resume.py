@@ -68,6 +68,23 @@ def signal_mid_epoch(
     return proc.wait(timeout=300)
 
 
+def stop_step(run: Path, signame: str) -> tuple[str, int]:
+    """The stop line the run printed last and the step it names, which last.ckpt must hold."""
+    line = (run.parent / f"{run.name}.err").read_text().strip().splitlines()[-1]
+    prefix = f"stopped by {signame} at step "
+    assert line.startswith(prefix), line
+    step = int(line.removeprefix(prefix).partition(";")[0])
+    assert ckpt_step(run / "checkpoints" / "last.ckpt") == step
+    return line, step
+
+
+def resume_is_the_same_run(run: Path, uninterrupted: Path, *extra: str, env=None) -> bool:
+    """Start the run again in its folder; whether it ends as the uninterrupted run did."""
+    resumed = run_cli(*MNIST_RUN, *extra, f"hydra.run.dir={run}", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return outcome(run) == outcome(uninterrupted)
+
+
 def outcome(run: Path) -> tuple[dict, str]:
     metrics = json.loads((run / "metrics.json").read_text())
     keys = ("test_acc", "test_loss", "val_acc_best", "epochs")
@@ -101,13 +118,8 @@ def test_killed_mid_epoch_and_resumed_is_the_same_run(uninterrupted, tmp_path):
 def test_sigterm_saves_the_step_exits_non_zero_and_resumes_from_it(uninterrupted, tmp_path):
     run = tmp_path / "run"
     assert signal_mid_epoch(run, signal.SIGTERM, min_step=15, run_on_s=0.2) == 128 + 15
-    last_line = (tmp_path / "run.err").read_text().strip().splitlines()[-1]
-    assert last_line.startswith("stopped by SIGTERM at step "), last_line
-    step = int(last_line.removeprefix("stopped by SIGTERM at step ").partition(";")[0])
-    assert ckpt_step(run / "checkpoints" / "last.ckpt") == step
-    resumed = run_cli(*MNIST_RUN, f"hydra.run.dir={run}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert outcome(run) == outcome(uninterrupted)
+    stop_step(run, "SIGTERM")
+    assert resume_is_the_same_run(run, uninterrupted)
 
 
 @pytest.mark.slow
@@ -126,15 +138,10 @@ def test_on_slurm_the_requeue_signal_saves_the_step_requeues_and_the_job_resumes
 
     run = tmp_path / "run"
     assert signal_mid_epoch(run, signal.SIGUSR1, min_step=15, run_on_s=0.2, env=env) == 128 + 10
-    last_line = (tmp_path / "run.err").read_text().strip().splitlines()[-1]
-    assert last_line.startswith("stopped by SIGUSR1 at step "), last_line
-    assert last_line.endswith("requeued SLURM job 4242; it resumes in the same folder"), last_line
+    line, _ = stop_step(run, "SIGUSR1")
+    assert line.endswith("requeued SLURM job 4242; it resumes in the same folder"), line
     assert asked.read_text() == "requeue 4242\n"
-    step = int(last_line.removeprefix("stopped by SIGUSR1 at step ").partition(";")[0])
-    assert ckpt_step(run / "checkpoints" / "last.ckpt") == step
-    requeued = run_cli(*MNIST_RUN, f"hydra.run.dir={run}", env=env)
-    assert requeued.returncode == 0, requeued.stderr[-3000:]
-    assert outcome(run) == outcome(uninterrupted)
+    assert resume_is_the_same_run(run, uninterrupted, env=env)
 
 
 @pytest.mark.slow
@@ -154,9 +161,7 @@ def test_sigint_during_validation_stops_at_the_epoch_end_and_resumes_the_same_ru
     assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr[-3000:]
     last_line = stopped.stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"stopped by SIGINT at step {2 * STEPS_PER_EPOCH};"), last_line
-    resumed = run_cli(*MNIST_RUN, *signal_in_validation, f"hydra.run.dir={run}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert outcome(run) == outcome(uninterrupted)
+    assert resume_is_the_same_run(run, uninterrupted, *signal_in_validation)
 
 
 @pytest.mark.slow
