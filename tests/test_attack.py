@@ -24,7 +24,7 @@ from kwta_lightning.attacks.diagnostics import (
     run_diagnostics,
     verdict,
 )
-from kwta_lightning.attacks.evaluate import Evaluator, evaluate, result_rows
+from kwta_lightning.attacks.evaluate import Evaluator, ProgressLog, evaluate, result_rows
 from kwta_lightning.attacks.pgd import PGD
 from kwta_lightning.errors import ConfigError
 
@@ -310,3 +310,24 @@ def test_pgd_restarts_attack_only_the_inputs_still_robust(relu_net):
     assert calls[-1] < 32, calls
     fooled = relu_net(x_adv).argmax(1) != y
     assert fooled.sum() >= 32 - calls[-1]  # every input a restart fooled keeps its fooling iterate
+
+
+def test_time_left_goes_by_the_attacks_run_not_those_reused(caplog):
+    def result(seconds: float) -> AttackResult:
+        none = torch.zeros(0)
+        robust = torch.ones(4, dtype=torch.bool)
+        return AttackResult("pgd", "linf", "gradient", 0.1, robust, none, {}, seconds, none, none)
+
+    progress = ProgressLog(total=4)
+    with caplog.at_level("INFO", logger="kwta_lightning.attacks.evaluate"):
+        progress.finished([result(0.0)], reused=True)
+        progress.finished([result(120.0)])
+        progress.finished([result(60.0)])
+        progress.finished([result(30.0)])
+    ends = [record.getMessage().rpartition("elapsed, ")[2] for record in caplog.records]
+    assert ends == [
+        "time left unknown until an attack has run",
+        "about 4m00s left",  # 2 to go at 120 s each
+        "about 1m30s left",  # 1 to go at (120 + 60) / 2
+        "done",
+    ]

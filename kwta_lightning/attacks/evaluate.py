@@ -137,10 +137,12 @@ def _duration(seconds: float) -> str:
 class ProgressLog:
     """Log lines to follow a long evaluation by, on a terminal and in a log file alike: one per
     batch of a long attack and one per attack and eps, with the time so far and an estimate of
-    what is left (at the pace of the attacks done so far)."""
+    what is left (at the pace of the attacks run so far; results reused from the cache take no
+    time and do not count towards the pace)."""
 
     def __init__(self, total: int) -> None:
         self.total, self.done, self.started = total, 0, time.perf_counter()
+        self.run, self.run_seconds = 0, 0.0
 
     def batch(self, attack: str, done: int, n: int, seconds: float) -> None:
         if done < n:
@@ -157,11 +159,13 @@ class ProgressLog:
     def finished(self, results: Sequence[AttackResult], reused: bool = False) -> None:
         for r in results:
             self.done += 1
+            if not reused:
+                self.run, self.run_seconds = self.run + 1, self.run_seconds + r.wall_time_s
             elapsed = time.perf_counter() - self.started
-            left = elapsed / self.done * max(self.total - self.done, 0)
+            left = self._left(max(self.total - self.done, 0))
             how = "reused from the cache" if reused else f"{r.wall_time_s:.0f} s"
             log.info(
-                "[%d/%d] %s %s eps=%g: robust %d/%d (%.1f%%), %s; %s elapsed, about %s left",
+                "[%d/%d] %s %s eps=%g: robust %d/%d (%.1f%%), %s; %s elapsed, %s",
                 self.done,
                 self.total,
                 r.attack,
@@ -172,8 +176,15 @@ class ProgressLog:
                 100 * r.robust.float().mean().item(),
                 how,
                 _duration(elapsed),
-                _duration(left),
+                left,
             )
+
+    def _left(self, to_go: int) -> str:
+        if to_go == 0:
+            return "done"
+        if self.run == 0:
+            return "time left unknown until an attack has run"
+        return f"about {_duration(self.run_seconds / self.run * to_go)} left"
 
 
 class Evaluator:
