@@ -81,9 +81,12 @@ def test_cli_writes_the_report_files_and_schema(checkpoint, quick_run):
         assert (tmp_path / name).is_file(), name
     assert list((tmp_path / "wandb").glob("offline-run-*")), "W&B ran offline in the run folder"
     assert "verdict" in result.stdout and "unbounded_eps" in result.stdout
-    # a log line per attack and eps, with the time left, also with stdout in a pipe
-    assert "[1/6] pgd linf eps=0: robust" in result.stdout + result.stderr
-    assert "left" in result.stdout + result.stderr
+    # a log line per attack and eps, with the time left, also with stdout in a pipe; the count
+    # includes the diagnostics' own runs (the unbounded probe, PGD doubled at both eps)
+    out = (result.stdout + result.stderr).splitlines()
+    lines = [line for line in out if " linf eps=" in line and ": robust " in line]
+    assert "[1/9] pgd linf eps=0: robust" in lines[0] and "left" in lines[0]
+    assert "[9/9] pgd_steps10 linf eps=0.1: robust" in lines[-1] and lines[-1].endswith("done")
 
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["checkpoint"] == str(checkpoint)

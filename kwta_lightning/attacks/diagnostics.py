@@ -315,6 +315,13 @@ def verdict(
     return rows
 
 
+def planned_runs(attacks: Mapping[str, Attack], pgd_radii: int, convergence_doublings: int) -> int:
+    """How many attack runs (one per eps) the diagnostics make at most: the unbounded probe,
+    and PGD's doublings at every radius PGD runs at (fewer when PGD flattens early)."""
+    converging = isinstance(attacks.get("pgd"), PGD)
+    return 1 + (pgd_radii * convergence_doublings if converging else 0)
+
+
 def run_diagnostics(
     evaluator: Evaluator,
     attacks: Mapping[str, Attack],
@@ -334,7 +341,6 @@ def run_diagnostics(
     pgd = attacks.get("pgd")
     first = [r for r in results if r.attack == "pgd"]
     converging = isinstance(pgd, PGD) and first and convergence_doublings > 0
-    evaluator.progress.total += 1 + (len(first) * convergence_doublings if converging else 0)
     probe = PGD(steps=unbounded_steps, random_start=False, name="pgd_unbounded")
     (far,) = evaluator.run(probe, [1.0], {"steps": unbounded_steps})
     diagnostics = [unbounded(far, num_classes, unbounded_steps)]

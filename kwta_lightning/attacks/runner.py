@@ -19,7 +19,7 @@ from kwta_lightning.attacks.checkpoint import (
     choose_samples,
     load_checkpoint,
 )
-from kwta_lightning.attacks.diagnostics import Diagnostic, run_diagnostics, verdict
+from kwta_lightning.attacks.diagnostics import Diagnostic, planned_runs, run_diagnostics, verdict
 from kwta_lightning.attacks.evaluate import Evaluator, ProgressLog, result_rows
 from kwta_lightning.attacks.store import ResultCache, file_sha256, result_key
 from kwta_lightning.console import print_config_tree
@@ -98,6 +98,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
 
     total = sum(len(epsilons[a.norm]) for a in attacks.values())
+    pgd_radii = len(epsilons["linf"]) if "pgd" in attacks else 0
+    total += planned_runs(attacks, pgd_radii, cfg.diagnostics.convergence_doublings)
     evaluator = Evaluator(
         model,
         x,
