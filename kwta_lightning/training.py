@@ -285,7 +285,10 @@ def _requeue(job: str) -> str:
     """Requeue the SLURM job (rank zero only); what happened, for the stop line."""
     if rank_zero_only.rank != 0:
         return "rank zero requeues the job"
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except OSError as err:
+        return f"requeueing SLURM job {job} failed: {err}"
     if result.returncode != 0:
         return f"requeueing SLURM job {job} failed: {result.stderr.strip() or result.returncode}"
     return f"requeued SLURM job {job}; it resumes in the same folder"
