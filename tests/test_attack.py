@@ -234,8 +234,9 @@ class HardStep(nn.Module):
 
 
 def test_diagnostics_stay_quiet_on_a_plain_relu_net(relu_net):
-    statuses, at_eps, _ = diagnose(relu_net, "pgd,fgsm,deepfool,square")
+    statuses, at_eps, _ = diagnose(relu_net, "pgd,fgsm,deepfool,square,apgd_dlr")
     assert {"unbounded_eps", "vanishing_gradient", "pgd_vs_fgsm/eps=0.3"} <= statuses.keys()
+    assert "autoattack_checks" not in statuses
     assert {"white_box_vs_adaptive/linf/eps=0.3", "pgd_convergence/eps=0.3"} <= statuses.keys()
     assert set(statuses.values()) == {"pass"}, statuses
     assert at_eps["masking_suspected"] is False and at_eps["reasons"] == []
@@ -243,12 +244,14 @@ def test_diagnostics_stay_quiet_on_a_plain_relu_net(relu_net):
 
 def test_diagnostics_fire_on_a_model_that_masks_its_gradient(relu_net):
     masked = nn.Sequential(HardStep(), relu_net).eval()
-    statuses, at_eps, results = diagnose(masked, "pgd,fgsm,square")
+    statuses, at_eps, results = diagnose(masked, "pgd,fgsm,square,apgd_dlr")
     assert statuses["unbounded_eps"] == "warn"
+    assert statuses["autoattack_checks"] == "warn"  # the reference APGD-DLR's zero-gradient check
     assert statuses["vanishing_gradient"] == "warn"
     assert statuses["white_box_vs_adaptive/linf/eps=0.3"] == "warn"  # Square beats PGD
     assert at_eps["masking_suspected"] is True
     assert any(r.startswith("white_box_vs_adaptive") for r in at_eps["reasons"])
+    assert any(r.startswith("autoattack_checks: there are") for r in at_eps["reasons"])
     pgd = next(r for r in results if r.attack == "pgd" and r.eps == 0.3)
     assert at_eps["n_robust"] < int(pgd.robust.sum())  # the worst case is below PGD's
 
@@ -312,22 +315,40 @@ def test_pgd_restarts_attack_only_the_inputs_still_robust(relu_net):
     assert fooled.sum() >= 32 - calls[-1]  # every input a restart fooled keeps its fooling iterate
 
 
-def test_time_left_goes_by_the_attacks_run_not_those_reused(caplog):
-    def result(seconds: float) -> AttackResult:
-        none = torch.zeros(0)
-        robust = torch.ones(4, dtype=torch.bool)
-        return AttackResult("pgd", "linf", "gradient", 0.1, robust, none, {}, seconds, none, none)
+def timed_result(seconds: float) -> AttackResult:
+    """A finished PGD run of ``seconds`` on 4 inputs."""
+    none = torch.zeros(0)
+    robust = torch.ones(4, dtype=torch.bool)
+    return AttackResult("pgd", "linf", "gradient", 0.1, robust, none, {}, seconds, none, none)
 
+
+def test_time_left_goes_by_the_attacks_run_not_those_reused(caplog):
     progress = ProgressLog(total=4)
     with caplog.at_level("INFO", logger="kwta_lightning.attacks.evaluate"):
-        progress.finished([result(0.0)], reused=True)
-        progress.finished([result(120.0)])
-        progress.finished([result(60.0)])
-        progress.finished([result(30.0)])
+        progress.finished([timed_result(0.0)], reused=True)
+        progress.finished([timed_result(120.0)])
+        progress.finished([timed_result(60.0)])
+        progress.finished([timed_result(30.0)])
     ends = [record.getMessage().rpartition("elapsed, ")[2] for record in caplog.records]
     assert ends == [
         "time left unknown until an attack has run",
         "about 4m00s left",  # 2 to go at 120 s each
         "about 1m30s left",  # 1 to go at (120 + 60) / 2
+        "done",
+    ]
+
+
+def test_time_left_leaves_out_the_runs_known_to_be_cached(caplog):
+    progress = ProgressLog(total=4, cached=2)
+    with caplog.at_level("INFO", logger="kwta_lightning.attacks.evaluate"):
+        progress.finished([timed_result(600.0)])
+        progress.finished([timed_result(60.0)])
+        progress.finished([timed_result(0.0)], reused=True)
+        progress.finished([timed_result(0.0)], reused=True)
+    ends = [record.getMessage().rpartition("elapsed, ")[2] for record in caplog.records]
+    assert ends == [
+        "about 10m00s left",  # 3 to go, 2 of them cached
+        "the rest from the cache",
+        "the rest from the cache",
         "done",
     ]

@@ -138,11 +138,12 @@ class ProgressLog:
     """Log lines to follow a long evaluation by, on a terminal and in a log file alike: one per
     batch of a long attack and one per attack and eps, with the time so far and an estimate of
     what is left (at the pace of the attacks run so far; results reused from the cache take no
-    time and do not count towards the pace)."""
+    time and do not count towards the pace). ``cached``: how many of the ``total`` runs are known
+    to be in the cache before the first starts; they do not count towards the time left."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, cached: int = 0) -> None:
         self.total, self.done, self.started = total, 0, time.perf_counter()
-        self.run, self.run_seconds = 0, 0.0
+        self.run, self.run_seconds, self.cached_left = 0, 0.0, cached
 
     def batch(self, attack: str, done: int, n: int, seconds: float) -> None:
         if done < n:
@@ -159,10 +160,12 @@ class ProgressLog:
     def finished(self, results: Sequence[AttackResult], reused: bool = False) -> None:
         for r in results:
             self.done += 1
-            if not reused:
+            if reused:
+                self.cached_left = max(self.cached_left - 1, 0)
+            else:
                 self.run, self.run_seconds = self.run + 1, self.run_seconds + r.wall_time_s
             elapsed = time.perf_counter() - self.started
-            left = self._left(max(self.total - self.done, 0))
+            left = self._left(max(self.total - self.done, 0), self.cached_left)
             how = "reused from the cache" if reused else f"{r.wall_time_s:.0f} s"
             log.info(
                 "[%d/%d] %s %s eps=%g: robust %d/%d (%.1f%%), %s; %s elapsed, %s",
@@ -179,12 +182,14 @@ class ProgressLog:
                 left,
             )
 
-    def _left(self, to_go: int) -> str:
+    def _left(self, to_go: int, cached: int) -> str:
         if to_go == 0:
             return "done"
+        if to_go <= cached:
+            return "the rest from the cache"
         if self.run == 0:
             return "time left unknown until an attack has run"
-        return f"about {_duration(self.run_seconds / self.run * to_go)} left"
+        return f"about {_duration(self.run_seconds / self.run * (to_go - cached))} left"
 
 
 class Evaluator:

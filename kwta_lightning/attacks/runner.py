@@ -100,6 +100,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     total = sum(len(epsilons[a.norm]) for a in attacks.values())
     pgd_radii = len(epsilons["linf"]) if "pgd" in attacks else 0
     total += planned_runs(attacks, pgd_radii, cfg.diagnostics.convergence_doublings)
+    cache = ResultCache(cfg.cache_dir, sha)
+    cached = sum(
+        len(epsilons[a.norm])
+        for name, a in attacks.items()
+        if cache.has(name, key(a, epsilons[a.norm], params[name]))
+    )
     evaluator = Evaluator(
         model,
         x,
@@ -107,9 +113,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.batch_size,
         device,
         cfg.n_examples,
-        ResultCache(cfg.cache_dir, sha),
+        cache,
         key,
-        ProgressLog(total),
+        ProgressLog(total, cached),
     )
     evaluation = evaluator.evaluation
     hparams = ckpt["hyper_parameters"]

@@ -58,6 +58,9 @@ class ResultCache:
     def _path(self, name: str, key: str) -> Path:
         return self.folder / f"{name}-{key}.pt"
 
+    def has(self, name: str, key: str) -> bool:
+        return self.folder is not None and self._path(name, key).is_file()
+
     def load(self, name: str, key: str) -> tuple[list[AttackResult], list[str]] | None:
         """The results and library warnings of a finished attack, or None."""
         if self.folder is None or not self._path(name, key).is_file():
