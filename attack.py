@@ -11,7 +11,6 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from kwta_lightning.attacks.runner import run
 from kwta_lightning.console import exit_on_user_error
 
 CONF = Path(__file__).resolve().parent / "conf"
@@ -43,6 +42,8 @@ def check_attack_names(argv: list[str]) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="attack")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    from kwta_lightning.attacks.runner import run  # torch and the libraries: after the checks
+
     run(cfg)
 
 

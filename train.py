@@ -10,13 +10,15 @@ import hydra
 from omegaconf import DictConfig
 
 from kwta_lightning.console import exit_on_user_error
-from kwta_lightning.training import ddp_child_argv, run_job
+from kwta_lightning.jobs import ddp_child_argv
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float | None:
     """Return ``cfg.objective`` (default val_acc_best), the value hyper-parameter sweepers read."""
+    from kwta_lightning.training import run_job  # torch and Lightning: after the config checks
+
     return run_job(cfg)
 
 

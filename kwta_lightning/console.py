@@ -13,6 +13,8 @@ from rich.table import Table
 from rich.tree import Tree
 
 from kwta_lightning.errors import KWTAError
+from kwta_lightning.jobs import in_sweep
+from kwta_lightning.validation import check_values
 
 FIRST_SECTIONS = ("data", "model", "act", "gamma", "optimizer", "scheduler", "trainer")
 
@@ -64,12 +66,15 @@ def error_line(err: BaseException) -> str:
 
 
 def exit_on_user_error(main: Callable) -> Callable:
-    """Print bad-input errors as one line on stderr and exit 2; let real bugs raise."""
+    """Check a Hydra main's config values before any work, then run; print bad-input errors as
+    one line on stderr and exit 2; let real bugs raise."""
 
     @functools.wraps(main)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any) -> Any:
         try:
-            return main(*args, **kwargs)
+            if args and isinstance(args[0], DictConfig) and not in_sweep():
+                check_values(args[0])  # a sweep's jobs check their own: one bad job fails alone
+            return main(*args)
         except Exception as err:
             if _user_error(err) is None:
                 raise

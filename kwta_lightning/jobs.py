@@ -25,6 +25,24 @@ ERROR_FILE = "error.txt"  # a failed sweep job's error line and traceback, in it
 SWEEP_JOB = "KWTA_SWEEP_JOB"  # set in a job's child: its sweep folder, number and overrides (JSON)
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+DDP_CHILD_ARGS = "KWTA_DDP_CHILD_ARGS"  # the job a DDP child process must run (JSON list)
+NO_HYDRA_OUTPUT = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+
+
+def ddp_child_argv(argv: list[str]) -> list[str]:
+    """The command line this process must run: ``argv``, unless it is a DDP process of rank > 0.
+
+    Lightning's DDP launcher re-runs the script with the parent's command line. Under Hydra that
+    would open new run folders and logs, and under ``-m`` start the whole sweep again. So the
+    parent puts its own job in $KWTA_DDP_CHILD_ARGS (see ``_pin_ddp_children``) and a child
+    (LOCAL_RANK > 0) runs exactly that job, in the parent's folder. Processes that srun or
+    torchrun started (SLURM_PROCID or RANK > 0) keep their command line but write no Hydra files.
+    """
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0 and DDP_CHILD_ARGS in os.environ:
+        return [argv[0], *json.loads(os.environ[DDP_CHILD_ARGS])]
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) > 0:
+        return [*argv, *NO_HYDRA_OUTPUT]
+    return argv
 
 
 def in_sweep() -> bool:

@@ -43,14 +43,21 @@ from kwta_lightning.checkpoints import (
 )
 from kwta_lightning.console import error_line, print_config_tree, print_summary
 from kwta_lightning.errors import ConfigError, KWTAError
-from kwta_lightning.jobs import in_sweep, record_failure, run_in_child, sweep_job
+from kwta_lightning.jobs import (
+    DDP_CHILD_ARGS,
+    NO_HYDRA_OUTPUT,
+    in_sweep,
+    record_failure,
+    run_in_child,
+    sweep_job,
+)
 from kwta_lightning.loggers import AppendingCSVLogger, AppendingTensorBoardLogger
 from kwta_lightning.resume import ResumeState, check_same_run, move_previous_run
+from kwta_lightning.validation import check_values
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("val_acc_best", "test_acc")  # what train.py can return to a sweeper (maximised)
-DDP_CHILD_ARGS = "KWTA_DDP_CHILD_ARGS"  # the job a DDP child process must run (JSON list)
 Resume = tuple[Path, dict[str, Any]]  # a checkpoint to resume from, and its contents
 
 
@@ -90,6 +97,7 @@ def run_job(cfg: DictConfig) -> float | None:
 def _sweep_job(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
     """A job of a sweep: its metrics if it finished before, else those of its child's run."""
     try:
+        check_values(cfg)
         done = _finished(cfg, output_dir, _resume_point(cfg, output_dir, move=False))
     except KWTAError as err:
         record_failure(output_dir, error_line(err))
@@ -109,25 +117,6 @@ def _objective(cfg: DictConfig, metrics: dict[str, Any] | None) -> float | None:
 
 
 # Overrides that keep a process from writing Hydra's files (.hydra/, the log) a second time.
-NO_HYDRA_OUTPUT = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
-
-
-def ddp_child_argv(argv: list[str]) -> list[str]:
-    """The command line this process must run: ``argv``, unless it is a DDP process of rank > 0.
-
-    Lightning's DDP launcher re-runs the script with the parent's command line. Under Hydra that
-    would open new run folders and logs, and under ``-m`` start the whole sweep again. So the
-    parent puts its own job in $KWTA_DDP_CHILD_ARGS (see ``_pin_ddp_children``) and a child
-    (LOCAL_RANK > 0) runs exactly that job, in the parent's folder. Processes that srun or
-    torchrun started (SLURM_PROCID or RANK > 0) keep their command line but write no Hydra files.
-    """
-    if int(os.environ.get("LOCAL_RANK", "0")) > 0 and DDP_CHILD_ARGS in os.environ:
-        return [argv[0], *json.loads(os.environ[DDP_CHILD_ARGS])]
-    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) > 0:
-        return [*argv, *NO_HYDRA_OUTPUT]
-    return argv
-
-
 def _pin_ddp_children(trainer: L.Trainer, output_dir: Path) -> None:
     """Tell the processes Lightning is about to launch which job and folder they belong to."""
     if not isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):
@@ -318,7 +307,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     config = _run_config(cfg)  # before instantiate, which resolves interpolations in place
     if rank_zero_only.rank == 0:
         print_config_tree(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
     resume = _resume_point(cfg, output_dir)
     if (done := _finished(cfg, output_dir, resume)) is not None:

@@ -7,27 +7,70 @@ import torch
 
 from kwta_lightning.data import ImageDataModule
 from kwta_lightning.module import KWTAClassifier
+from kwta_lightning.validation import PRECISIONS
 from tests.helpers import needs_mnist, run_cli
 
 QUICK = ["data=fake", "debug=fdr", "logger=csv"]
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (["gamma=0"], "gamma must lie in (0, 1], got 0"),
-        (["gamma=1.5"], "gamma must lie in (0, 1], got 1.5"),
-        (["model=classifier", "model.backbone=resnet19"], "unknown model 'resnet19'"),
-        (["act.name=gelu"], "unknown activation 'gelu'"),
-        (["ckpt_path=missing.ckpt"], "ckpt_path missing.ckpt does not exist"),
-        (["data.on_device=maybe"], "data.on_device must be true or false, got 'maybe'"),
-    ],
-)
-def test_bad_config_values_fail_with_one_line(tmp_path, overrides, message):
-    result = run_cli(*QUICK, *overrides, f"hydra.run.dir={tmp_path}")
+# Values a user could type wrong, each refused before any work starts, with one line that
+# names the key, the value and what is allowed
+BAD_VALUES = [
+    ("train.py", "gamma=0", "gamma=0: must be a number > 0 and <= 1"),
+    ("train.py", "gamma=1.5", "gamma=1.5: must be a number > 0 and <= 1"),
+    ("train.py", "optimizer.lr=-0.1", "optimizer.lr=-0.1: must be a number > 0"),
+    ("train.py", "optimizer.lr=fast", "optimizer.lr=fast: must be a number > 0"),
+    ("train.py", "optimizer.momentum=1.5", "optimizer.momentum=1.5: must be a number >= 0 and"),
+    ("train.py", "optimizer.weight_decay=-1", "optimizer.weight_decay=-1: must be a number >= 0"),
+    ("train.py", "trainer.max_epochs=ten", "trainer.max_epochs=ten: must be an integer >= 1"),
+    ("train.py", "trainer.max_epochs=-5", "trainer.max_epochs=-5: must be an integer >= 1"),
+    ("train.py", "trainer.precision=17", "trainer.precision=17: must be one of 64-true, 32-true"),
+    ("train.py", "data.batch_size=0", "data.batch_size=0: must be an integer >= 1"),
+    ("train.py", "data.train_subset=0", "data.train_subset=0: must be null or an integer >= 1"),
+    ("train.py", "data.train_subset=-5", "data.train_subset=-5: must be null or an integer"),
+    ("train.py", "data.num_workers=-1", "data.num_workers=-1: must be an integer >= 0"),
+    ("train.py", "data.on_device=maybe", "data.on_device=maybe: must be true or false"),
+    ("train.py", "seed=abc", "seed=abc: must be an integer"),
+    ("train.py", "adv_train.enabled=maybe", "adv_train.enabled=maybe: must be true or false"),
+    ("train.py", "adv_train.eps=-0.1", "adv_train.eps=-0.1: must be a number >= 0"),
+    ("train.py", "model.pretrained=maybe", "model.pretrained=maybe: must be true or false"),
+    ("train.py", "resume=perhaps", "resume=perhaps: must be true or false"),
+    ("train.py", "callbacks.periodic_checkpoint.minutes=0", "callbacks.periodic_checkpoint."),
+    ("train.py", "model.backbone=resnet19", "unknown model 'resnet19'"),
+    ("train.py", "act.name=gelu", "unknown activation 'gelu'"),
+    ("train.py", "ckpt_path=missing.ckpt", "ckpt_path missing.ckpt does not exist"),
+    ("attack.py", "batch_size=0", "batch_size=0: must be an integer >= 1"),
+    ("attack.py", "n_samples=0", "n_samples=0: must be an integer >= 1"),
+    ("attack.py", "eps=[0.1,-0.2]", "eps=[0.1, -0.2]: must be a number >= 0, a list of them"),
+    ("attack.py", "attack.pgd.steps=-1", "attack.pgd.steps=-1: must be an integer >= 1"),
+    ("attack.py", "attack.square.n_queries=0", "attack.square.n_queries=0: must be an integer"),
+    ("attack.py", "attack.nes_pgd.sigma=0", "attack.nes_pgd.sigma=0: must be a number > 0"),
+    ("attack.py", "diagnostics.tolerance=2", "diagnostics.tolerance=2: must be a number >= 0"),
+    ("attack.py", "attack=[pgd,pgdd]", "unknown attack pgdd; known: apgd_ce"),
+    ("kwta_lightning/toy1d.py", "steps=-1", "steps=-1: must be an integer >= 1"),
+    ("kwta_lightning/landscape.py", "n_inputs=0", "n_inputs=0: must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize(("script", "override", "message"), BAD_VALUES)
+def test_a_bad_value_fails_at_once_with_one_line(tmp_path, script, override, message):
+    common = {"train.py": QUICK, "attack.py": ["ckpt_path=missing.ckpt"]}.get(script, [])
+    result = run_cli(*common, override, f"hydra.run.dir={tmp_path}", script=script)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
-    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {message}")
+
+
+def test_the_precisions_allowed_are_lightnings():
+    from typing import get_args
+
+    from lightning.fabric.connector import _PRECISION_INPUT
+
+    def literals(hint):
+        args = get_args(hint)
+        return {leaf for arg in args for leaf in literals(arg)} if args else {hint}
+
+    assert set(PRECISIONS) == literals(_PRECISION_INPUT)
 
 
 def test_missing_data_folder_names_folder_and_files(tmp_path):

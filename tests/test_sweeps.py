@@ -18,15 +18,10 @@ from omegaconf import OmegaConf, open_dict
 from kwta_lightning import summarize
 from kwta_lightning.data import ImageDataModule
 from kwta_lightning.errors import ConfigError
+from kwta_lightning.jobs import DDP_CHILD_ARGS, NO_HYDRA_OUTPUT, ddp_child_argv
 from kwta_lightning.loggers import wandb_logger
 from kwta_lightning.module import KWTAClassifier
-from kwta_lightning.training import (
-    DDP_CHILD_ARGS,
-    NO_HYDRA_OUTPUT,
-    _job_devices,
-    ddp_child_argv,
-    run_job,
-)
+from kwta_lightning.training import _job_devices, run_job
 from tests.helpers import ROOT, compose_train, run_cli
 
 # One batch of train, val and test per job, small batches: a job takes seconds.
@@ -126,16 +121,16 @@ def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     )
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"sweep: 1 of 3 jobs failed; their logs: {tmp_path}/1/train.log" in result.stdout
-    assert "sweep: failed job 1: gamma must lie in (0, 1], got 1.5" in result.stdout
+    assert "sweep: failed job 1: gamma=1.5: must be a number > 0 and <= 1" in result.stdout
     error = (tmp_path / "1" / "error.txt").read_text()
-    assert error.startswith("error: gamma must lie in (0, 1], got 1.5\n")
-    assert "Traceback" in error
+    assert error.startswith("error: gamma=1.5: must be a number > 0 and <= 1\n")
+    assert "Traceback" not in error  # refused before any work: nothing more to tell
     assert not (tmp_path / "1" / "metrics.json").exists()
     for job in (0, 2):
         assert json.loads((tmp_path / str(job) / "metrics.json").read_text())["test_acc"] >= 0
     rows = {r["job"]: r for r in read_csv(tmp_path / "summary.csv")}
     assert [rows[j]["status"] for j in "012"] == ["ok", "failed", "ok"]
-    assert rows["1"]["error"] == "gamma must lie in (0, 1], got 1.5"
+    assert rows["1"]["error"] == "gamma=1.5: must be a number > 0 and <= 1"
 
     # One W&B run per job, tagged with the job's swept value.
     runs = {job: list((tmp_path / job / "wandb").glob("offline-run-*")) for job in "02"}

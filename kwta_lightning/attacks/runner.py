@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path``; write the report after every attack and return the last."""
     started = time.perf_counter()
     print_config_tree(cfg)
-    L.seed_everything(cfg.seed, workers=False)
+    L.seed_everything(cfg.seed, workers=False, verbose=False)
     ckpt = load_checkpoint(cfg.ckpt_path)
     data_name = ckpt["datamodule_hyper_parameters"]["name"]
     epsilons = {
