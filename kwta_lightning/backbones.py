@@ -46,7 +46,7 @@ class ModelRefused(ConfigError):
 
 
 class Normalize(nn.Module):
-    """Per-channel (x - mean) / std on pixels in [0, 1]."""
+    """Per-channel (x - mean) / std on pixels in [0, 1]; one value serves every channel."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -352,8 +352,11 @@ def build_network(
 
     ``activation="relu"`` keeps the backbone exactly as torchvision defines it.
     """
-    if len(mean) != in_channels or len(std) != in_channels:
-        raise ConfigError(f"mean and std need {in_channels} values each, got {mean} and {std}")
+    if {len(mean), len(std)} - {1, in_channels}:
+        raise ConfigError(
+            f"mean and std need {in_channels} values each (or one for every channel), "
+            f"got {mean} and {std}"
+        )
     make_activation(activation, gamma)  # fail on a bad name or gamma before building anything
     net = build_backbone(backbone, num_classes, in_channels, small_input, pretrained)
     if activation != "relu":

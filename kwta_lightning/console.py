@@ -50,11 +50,14 @@ def print_summary(title: str, metrics: Mapping[str, Any]) -> None:
 
 def _user_error(err: BaseException) -> BaseException | None:
     """The KWTAError or config error behind ``err`` (Hydra wraps constructor errors), if any."""
+    chain = []
     while err is not None:
-        if isinstance(err, (KWTAError, OmegaConfBaseException)):
-            return err
-        err = err.__cause__
-    return None
+        chain.append(err)
+        # OmegaConf re-raises a resolver's error without chaining it as the cause
+        wrapped = err.__context__ if isinstance(err, OmegaConfBaseException) else None
+        err = err.__cause__ or wrapped
+    ours = [e for e in chain if isinstance(e, KWTAError)]  # ours says it best (a resolver's error)
+    return next(iter(ours or [e for e in chain if isinstance(e, OmegaConfBaseException)]), None)
 
 
 def error_line(err: BaseException) -> str:

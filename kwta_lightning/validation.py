@@ -17,6 +17,15 @@ from kwta_lightning.errors import ConfigError
 Rule = tuple[Callable[[Any], bool], str]
 
 
+def _required(key: str) -> None:
+    """``key: ${required:key}``: a recipe's value the user must give. OmegaConf's own ``???``
+    cannot say so in a recipe: merged onto a default (``init_from: null``) it loses to it."""
+    raise ConfigError(f"{key} is required by this recipe: give it on the command line ({key}=...)")
+
+
+OmegaConf.register_new_resolver("required", _required, replace=True)
+
+
 def _number(v: Any) -> bool:
     return isinstance(v, Real) and not isinstance(v, bool)
 

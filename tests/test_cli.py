@@ -39,6 +39,7 @@ BAD_VALUES = [
     ("train.py", "model.backbone=resnet19", "unknown model 'resnet19'"),
     ("train.py", "act.name=gelu", "unknown activation 'gelu'"),
     ("train.py", "ckpt_path=missing.ckpt", "ckpt_path missing.ckpt does not exist"),
+    ("train.py", "experiment=paper_incremental", "init_from is required by this recipe"),
     ("attack.py", "batch_size=0", "batch_size=0: must be an integer >= 1"),
     ("attack.py", "n_samples=0", "n_samples=0: must be an integer >= 1"),
     ("attack.py", "eps=[0.1,-0.2]", "eps=[0.1, -0.2]: must be a number >= 0, a list of them"),

@@ -37,7 +37,7 @@ def test_paper_recipe_values(tmp_path):
     )
     assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.1, 0.9, 0)
     assert list(cfg.scheduler.milestones) == [50] and cfg.trainer.max_epochs == 80
-    assert cfg.data.batch_size == 256 and list(cfg.model.std) == [1, 1, 1]
+    assert cfg.data.batch_size == 256 and list(cfg.model.std) == [1]
     adv = compose_train(tmp_path, ["experiment=paper_adv_train"])
     assert adv.model.adv_train.enabled and adv.model.adv_train.eps == 0.031
     assert adv.optimizer.lr == 0.1 and adv.trainer.max_epochs == 80
@@ -108,3 +108,10 @@ def test_mnist_quick_runs_one_step(tmp_path):
 def test_kwta_layers_exist_after_build(tmp_path):
     model = instantiate(compose_train(tmp_path, ["experiment=paper_cifar_resnet18"]).model)
     assert len(kwta_layers(model)) == 9 and {m.gamma for m in kwta_layers(model).values()} == {0.1}
+
+
+def test_adv_train_recipe_builds_on_mnist_as_its_header_says(tmp_path):
+    cfg = compose_train(tmp_path, ["experiment=paper_adv_train", "data=mnist", "model=cnn"])
+    assert (cfg.adv_train.eps, cfg.adv_train.step_size, cfg.adv_train.steps) == (0.3, 0.01, 40)
+    model = instantiate(cfg.model)
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)

@@ -256,6 +256,16 @@ def test_slurm_launcher_asks_for_the_trainers_gpus_and_resubmits_on_timeout():
     assert cfg.trainer.strategy == "ddp"
 
 
+def test_the_readmes_slurm_command_composes_with_the_default_trainer():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "model=cnn"]
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (1, 1, 1)
+    assert launcher.partition == "gpu"
+
+
 @pytest.mark.slow
 def test_a_joblib_job_killed_outright_is_recorded_and_a_rerun_redoes_only_it(tmp_path):
     sweep = [
