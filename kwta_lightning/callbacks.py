@@ -6,6 +6,8 @@
 * :class:`ReluToKWTA`: train with ReLU for ``relu_epochs``, then swap every ReLU for k-WTA and go on
   (the reproduction's workflow), optionally re-estimating BatchNorm statistics after the swap.
 * :class:`TestEveryEpoch`: test accuracy before training and after each epoch, to a JSON file.
+* :class:`LogProgress`: a log line every N steps and per epoch, which a log file shows as it
+  happens (a progress bar written to a file shows only at the end).
 
 When a callback changes the network (activation or gamma), the checkpoint callbacks forget their
 best score: ``best.ckpt`` is then the best epoch of the network the run ends with, not an earlier
@@ -15,6 +17,7 @@ network's. Schedules are functions of the epoch, so a resumed run continues wher
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from itertools import islice
@@ -29,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from kwta_lightning.activations import check_gamma, kwta_layers
 from kwta_lightning.backbones import RELU_MODULES
+from kwta_lightning.console import duration
 from kwta_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -364,3 +368,67 @@ class TestEveryEpoch(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._measure(trainer, pl_module, trainer.current_epoch + 1)
         pl_module.log("test/acc_per_epoch", self.results[-1]["test_acc"])
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+
+class LogProgress(Callback):
+    """Training progress as log lines (to the console and train.log): every ``every_n_steps``
+    training steps the loss, images/s and the epoch's time left; at each epoch's end its metrics
+    and the run's time left, at the pace of the epochs this process ran."""
+
+    def __init__(self, every_n_steps: int = 100) -> None:
+        self.every_n_steps = every_n_steps
+        self.fit_started, self.epochs_run = 0.0, 0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.fit_started, self.epochs_run = time.perf_counter(), 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch_started, self.images, self.steps, self.loss_sum = time.perf_counter(), 0, 0, 0.0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, _: int
+    ) -> None:
+        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach()
+        self.images, self.steps = self.images + len(batch[0]), self.steps + 1
+        self.loss_sum = self.loss_sum + loss  # a tensor: no device sync per step
+        total = trainer.num_training_batches
+        if self.steps % self.every_n_steps or self.steps == total or not trainer.is_global_zero:
+            return
+        seconds = time.perf_counter() - self.epoch_started
+        left = f", epoch done in about {duration(seconds / self.steps * (total - self.steps))}"
+        log.info(
+            "epoch %d/%d step %d/%s: loss %.4f, %.0f images/s%s",
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            self.steps,
+            total if math.isfinite(total) else "?",
+            float(loss),
+            self.images / seconds,
+            left if math.isfinite(total) else "",
+        )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.epochs_run += 1
+        elapsed = time.perf_counter() - self.fit_started
+        to_go = trainer.max_epochs - trainer.current_epoch - 1
+        # the epoch's train/ metrics reach callback_metrics only after this hook: the mean loss
+        # of its steps stands in; val/ ran before it
+        metrics = {"train/loss": float(self.loss_sum) / max(self.steps, 1)}
+        metrics |= {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and v.numel() == 1
+        }
+        log.info(
+            "epoch %d/%d done in %s: %s; %s",
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            duration(time.perf_counter() - self.epoch_started),
+            ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+            f"about {duration(elapsed / self.epochs_run * to_go)} left" if to_go > 0 else "done",
+        )

@@ -1,6 +1,7 @@
 """What the entry points print: the config tree at start, a summary table at the end."""
 
 import functools
+import logging
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -32,6 +33,13 @@ def print_config_tree(cfg: DictConfig) -> None:
             Syntax(text.rstrip(), "yaml", background_color="default")
         )
     rich.print(tree)
+
+
+def duration(seconds: float) -> str:
+    """12m05s, or 1h05m from an hour on."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def print_summary(title: str, metrics: Mapping[str, Any]) -> None:
@@ -68,6 +76,14 @@ def error_line(err: BaseException) -> str:
     return " ".join(str(cause).split())
 
 
+def _to_log_files(line: str) -> None:
+    """``line`` in the run's log file (Hydra's train.log, ...), not again on the console."""
+    record = logging.LogRecord("kwta_lightning", logging.ERROR, "", 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def exit_on_user_error(main: Callable) -> Callable:
     """Check a Hydra main's config values before any work, then run; print bad-input errors as
     one line on stderr and exit 2; let real bugs raise."""
@@ -82,6 +98,7 @@ def exit_on_user_error(main: Callable) -> Callable:
             if _user_error(err) is None:
                 raise
             print(f"error: {error_line(err)}", file=sys.stderr)
+            _to_log_files(f"error: {error_line(err)}")
             sys.exit(2)
 
     return wrapper

@@ -326,6 +326,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks=_instantiate_all(cfg.get("callbacks")) + own,
         logger=loggers or False,
         plugins=_plugins(),
+        **_progress_bar(cfg),
         **_job_devices(cfg),
     )
     _pin_ddp_children(trainer, output_dir)
@@ -347,8 +348,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             wandb.finish()
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        log.info("metrics: %s", json.dumps(metrics))
         print_summary(f"{cfg.model.backbone} {cfg.act.name} on {cfg.data.name}", metrics)
     return metrics
+
+
+def _progress_bar(cfg: DictConfig) -> dict[str, bool]:
+    """No progress bar when stdout is a file (it would show only at the end; LogProgress's lines
+    show as they happen), unless the config asks for one."""
+    return (
+        {} if "enable_progress_bar" in cfg.trainer else {"enable_progress_bar": sys.stdout.isatty()}
+    )
 
 
 def _fit_metrics(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule) -> dict[str, Any]:

@@ -87,6 +87,7 @@ RULES: dict[str, Rule] = {
     "val_subset": or_null(count(1)),
     "test_subset": or_null(count(1)),
     "log_every_n_steps": count(1),
+    "every_n_steps": count(1),
     "check_val_every_n_epoch": count(1),
     "precision": ((lambda v: v in PRECISIONS), f"one of {PRECISION_NAMES}"),
     "steps": count(1),

@@ -1,6 +1,10 @@
 """train.py as a user runs it: bad input fails with one clear line; real MNIST trains."""
 
 import json
+import re
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -8,7 +12,7 @@ import torch
 from kwta_lightning.data import ImageDataModule
 from kwta_lightning.module import KWTAClassifier
 from kwta_lightning.validation import PRECISIONS
-from tests.helpers import needs_mnist, run_cli
+from tests.helpers import ROOT, cli_env, needs_mnist, run_cli
 
 QUICK = ["data=fake", "debug=fdr", "logger=csv"]
 
@@ -72,6 +76,36 @@ def test_the_precisions_allowed_are_lightnings():
         return {leaf for arg in args for leaf in literals(arg)} if args else {hint}
 
     assert set(PRECISIONS) == literals(_PRECISION_INPUT)
+
+
+def test_a_bad_value_is_also_in_the_runs_log_file(tmp_path):
+    result = run_cli(*QUICK, "seed=abc", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2 and "error: seed=abc" not in result.stdout  # once on screen
+    assert "error: seed=abc: must be an integer" in (tmp_path / "train.log").read_text()
+
+
+def test_with_stdout_in_a_file_each_epoch_shows_while_the_run_goes_on(tmp_path):
+    stdout = tmp_path / "stdout.txt"
+    args = ["data=fake", "model=cnn", "data.image_size=16", "data.batch_size=8", "logger=csv"]
+    args += ["data.train_subset=64", "data.val_size=16", "trainer.max_epochs=6"]
+    args += ["callbacks.log_progress.every_n_steps=4", f"hydra.run.dir={tmp_path / 'run'}"]
+    with stdout.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *args], stdout=out, stderr=out, env=cli_env()
+        )
+        deadline = time.monotonic() + 300
+        while "epoch 1/6 done" not in stdout.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, stdout.read_text()[-3000:]
+            time.sleep(0.2)
+        running = process.poll() is None
+        assert process.wait(timeout=300) == 0, stdout.read_text()[-3000:]
+    assert running, "the first epoch's line came only at the end"
+    text = stdout.read_text()
+    assert "epoch 1/6 step 4/8: loss " in text and " images/s, epoch done in about " in text
+    assert "epoch 1/6 step 8/8" not in text  # the epoch's own line says it
+    assert re.search(r"epoch 6/6 done in \S+: train/loss [\d.]+, .*val/acc [\d.]+.*; done", text)
+    log_file = (tmp_path / "run" / "train.log").read_text()
+    assert "epoch 3/6 done" in log_file and 'metrics: {"test_acc": ' in log_file
 
 
 def test_missing_data_folder_names_folder_and_files(tmp_path):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kwta_lightning.attacks.base import Attack, AttackResult, perturbation_norms, project
+from kwta_lightning.console import duration
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +129,6 @@ def run_attack(
     ]
 
 
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
 class ProgressLog:
     """Log lines to follow a long evaluation by, on a terminal and in a log file alike: one per
     batch of a long attack and one per attack and eps, with the time so far and an estimate of
@@ -153,8 +148,8 @@ class ProgressLog:
                 attack,
                 done,
                 n,
-                _duration(seconds),
-                _duration(left),
+                duration(seconds),
+                duration(left),
             )
 
     def finished(self, results: Sequence[AttackResult], reused: bool = False) -> None:
@@ -178,7 +173,7 @@ class ProgressLog:
                 len(r.robust),
                 100 * r.robust.float().mean().item(),
                 how,
-                _duration(elapsed),
+                duration(elapsed),
                 left,
             )
 
@@ -189,7 +184,7 @@ class ProgressLog:
             return "the rest from the cache"
         if self.run == 0:
             return "time left unknown until an attack has run"
-        return f"about {_duration(self.run_seconds / self.run * (to_go - cached))} left"
+        return f"about {duration(self.run_seconds / self.run * (to_go - cached))} left"
 
 
 class Evaluator:
