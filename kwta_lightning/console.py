@@ -3,6 +3,7 @@
 import functools
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,6 +19,30 @@ from kwta_lightning.jobs import in_sweep
 from kwta_lightning.validation import check_values
 
 FIRST_SECTIONS = ("data", "model", "act", "gamma", "optimizer", "scheduler", "trainer")
+
+
+class _Drop(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_libraries() -> None:
+    """Turn off the libraries' output that says nothing about the run (call it once they are
+    imported: their import sets up their logging). Each with why:"""
+    if logging.getLogger().handlers:
+        # Lightning adds its own console handler and also passes each line on to the root's
+        # (Hydra's: console and the run's log file), so every line came twice
+        logging.getLogger("lightning").handlers.clear()
+    # Lightning's advertisements for its cloud services
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_Drop("💡 Tip"))
+    # foolbox's DeepFool logs its number of candidate classes (a config value) at every batch
+    logging.getLogger().addFilter(_Drop("Only testing the top-"))
+    # Lightning's own use of a deprecated torch API: nothing a user can act on
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def print_config_tree(cfg: DictConfig) -> None:

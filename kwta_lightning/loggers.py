@@ -101,7 +101,13 @@ def wandb_logger(
         group=group or sweep,
         tags=[str(t) for t in tags] + job_tags,
         mode=wandb_mode(mode),
+        settings=quiet_wandb(),
     )
+
+
+def quiet_wandb() -> wandb.Settings:
+    """W&B without its run summary and history on the console (the run's own summary says it)."""
+    return wandb.Settings(quiet=True)
 
 
 def log_images_to_wandb(
@@ -111,7 +117,9 @@ def log_images_to_wandb(
     mode = wandb_mode(mode)
     if mode == "disabled":
         return
-    run = wandb.init(project=project, job_type=job_type, dir=output_dir, mode=mode)
+    run = wandb.init(
+        project=project, job_type=job_type, dir=output_dir, mode=mode, settings=quiet_wandb()
+    )
     try:
         run.log({name: wandb.Image(str(path)) for name, path in images.items()} | summary)
     finally:

@@ -17,7 +17,7 @@ from rich.table import Table
 from kwta_lightning.attacks.base import AttackResult
 from kwta_lightning.attacks.evaluate import Evaluation
 from kwta_lightning.attacks.store import outcomes
-from kwta_lightning.loggers import wandb_mode
+from kwta_lightning.loggers import quiet_wandb, wandb_mode
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,7 @@ def log_wandb(
         | {"train_run_id": train["wandb_id"]},
         dir=str(out),
         mode=mode,
+        settings=quiet_wandb(),
     )
     try:
         rows = [[r[c] for c in COLUMNS] for r in summary["results"]]

@@ -41,6 +41,8 @@ RESUME_SAFE = (
     "data.download",
     "data.num_workers",
     "callbacks.periodic_checkpoint",
+    "callbacks.log_progress",
+    "print_config",
     "ckpt_path",
     "resume",
     "test",

@@ -41,7 +41,7 @@ from kwta_lightning.checkpoints import (
     load_weights_only,
     newest_good_checkpoint,
 )
-from kwta_lightning.console import error_line, print_config_tree, print_summary
+from kwta_lightning.console import error_line, print_config_tree, print_summary, quiet_libraries
 from kwta_lightning.errors import ConfigError, KWTAError
 from kwta_lightning.jobs import (
     DDP_CHILD_ARGS,
@@ -305,7 +305,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test the model ``cfg`` describes; return the metrics written to metrics.json."""
     started = time.perf_counter()
     config = _run_config(cfg)  # before instantiate, which resolves interpolations in place
-    if rank_zero_only.rank == 0:
+    quiet_libraries()
+    if rank_zero_only.rank == 0 and cfg.print_config:
         print_config_tree(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)

@@ -149,6 +149,7 @@ class BPDA(Attack):
             if len(todo) == 0:
                 break
             bpda = replace_kwta(model, lambda k, t=temperature: BPDALayer(k, self.surrogate, t))
+            self.inner.name = f"{self.name} temperature {temperature:g}"  # in its progress lines
             x_adv = self.inner.attack(bpda, x[todo], y[todo], eps).x_adv
             with torch.no_grad():
                 fooled = model(x_adv).argmax(1) != y[todo]

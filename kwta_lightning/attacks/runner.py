@@ -22,7 +22,7 @@ from kwta_lightning.attacks.checkpoint import (
 from kwta_lightning.attacks.diagnostics import Diagnostic, planned_runs, run_diagnostics, verdict
 from kwta_lightning.attacks.evaluate import Evaluator, ProgressLog, result_rows
 from kwta_lightning.attacks.store import ResultCache, file_sha256, result_key
-from kwta_lightning.console import print_config_tree
+from kwta_lightning.console import print_config_tree, quiet_libraries
 from kwta_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,9 @@ def attack_params(cfg: DictConfig) -> dict[str, dict[str, Any]]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path``; write the report after every attack and return the last."""
     started = time.perf_counter()
-    print_config_tree(cfg)
+    quiet_libraries()
+    if cfg.print_config:
+        print_config_tree(cfg)
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     ckpt = load_checkpoint(cfg.ckpt_path)
     data_name = ckpt["datamodule_hyper_parameters"]["name"]
