@@ -12,31 +12,9 @@ import hydra
 from omegaconf import DictConfig
 
 from kwta_lightning.console import exit_on_user_error
+from kwta_lightning.overrides import exit_on_unknown_names
 
 CONF = Path(__file__).resolve().parent / "conf"
-
-
-def check_attack_names(argv: list[str]) -> None:
-    """Refuse unknown names in ``attack=[...]`` and ``preset=...`` in one line that lists the
-    known ones.
-
-    Hydra's own error for a missing option in a list names the option but not the choices, and
-    an unknown option of the optional preset group is silently ignored.
-    """
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        group = key.lstrip("+~")
-        if group not in ("attack", "preset"):
-            continue
-        known = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-        names = [n.strip() for n in value.strip("[]").split(",") if n.strip()]
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            print(
-                f"error: unknown {group} {', '.join(unknown)}; known: {', '.join(known)}",
-                file=sys.stderr,
-            )
-            sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="attack")
@@ -48,5 +26,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_attack_names(sys.argv[1:])
+    exit_on_unknown_names(CONF, "attack", sys.argv[1:])
     main()

@@ -5,12 +5,14 @@ uv run python train.py -m model=cnn,resnet18 gamma=0.05,0.1,0.2     # a sweep
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from kwta_lightning.console import exit_on_user_error
 from kwta_lightning.jobs import ddp_child_argv
+from kwta_lightning.overrides import exit_on_unknown_names
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -24,4 +26,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     sys.argv = ddp_child_argv(sys.argv)
+    exit_on_unknown_names(Path(__file__).resolve().parent / "conf", "train", sys.argv[1:])
     main()

@@ -384,26 +384,32 @@ class LogProgress(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.fit_started, self.epochs_run = time.perf_counter(), 0
+        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts in one
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.epoch_started, self.images, self.steps, self.loss_sum = time.perf_counter(), 0, 0, 0.0
 
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, _: int
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach()
         self.images, self.steps = self.images + len(batch[0]), self.steps + 1
         self.loss_sum = self.loss_sum + loss  # a tensor: no device sync per step
-        total = trainer.num_training_batches
-        if self.steps % self.every_n_steps or self.steps == total or not trainer.is_global_zero:
+        step, total = batch_idx + 1, trainer.num_training_batches  # step counts from a resume too
+        if step % self.every_n_steps or step == total or not trainer.is_global_zero:
             return
         seconds = time.perf_counter() - self.epoch_started
-        left = f", epoch done in about {duration(seconds / self.steps * (total - self.steps))}"
+        left = f", epoch done in about {duration(seconds / self.steps * (total - step))}"
         log.info(
             "epoch %d/%d step %d/%s: loss %.4f, %.0f images/s%s",
             trainer.current_epoch + 1,
             trainer.max_epochs,
-            self.steps,
+            step,
             total if math.isfinite(total) else "?",
             float(loss),
             self.images / seconds,

@@ -216,21 +216,6 @@ def test_cli_refuses_a_truncated_checkpoint_in_one_line(checkpoint, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_cli_lists_the_attacks_when_one_does_not_exist(tmp_path):
-    result = run_attack_cli("ckpt_path=x.ckpt", "attack=[pgd,nope]", f"hydra.run.dir={tmp_path}")
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
-        "error: unknown attack nope; known: apgd_ce, apgd_dlr, autoattack, bpda, bpda_relu, cw, "
-        "deepfool, deepfool_l2, fgsm, hsj, l2_pgd, nes_pgd, pgd, square, transfer, vga"
-    )
-
-
-def test_cli_names_an_unknown_preset_instead_of_ignoring_it(tmp_path):
-    result = run_attack_cli("ckpt_path=x.ckpt", "preset=nope", f"hydra.run.dir={tmp_path}")
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: unknown preset nope; known: mnist_kwta"
-
-
 def test_missing_and_foreign_files_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.ckpt")
