@@ -54,7 +54,11 @@ BAD_VALUES = [
     ("train.py", "optimizer=adamw", "unknown optimizer adamw; known: adam, sgd"),
     ("attack.py", "preset=mnist", "unknown preset mnist; known: mnist_kwta"),
     ("attack.py", "attack.pgd.stepz=3", "attack.pgd.stepz is not a key of the config (did you"),
-    ("kwta_lightning/toy1d.py", "widht=3", "widht is not a key of the config (did you mean width?)"),
+    (
+        "kwta_lightning/toy1d.py",
+        "widht=3",
+        "widht is not a key of the config (did you mean width?)",
+    ),
     ("attack.py", "batch_size=0", "batch_size=0: must be an integer >= 1"),
     ("attack.py", "n_samples=0", "n_samples=0: must be an integer >= 1"),
     ("attack.py", "eps=[0.1,-0.2]", "eps=[0.1, -0.2]: must be a number >= 0, a list of them"),
