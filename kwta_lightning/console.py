@@ -3,11 +3,15 @@
 import functools
 import logging
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import rich
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.syntax import Syntax
@@ -15,7 +19,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from kwta_lightning.errors import KWTAError
-from kwta_lightning.jobs import in_sweep
+from kwta_lightning.jobs import ERROR_FILE, in_sweep, record_failure
 from kwta_lightning.validation import check_values
 
 FIRST_SECTIONS = ("data", "model", "act", "gamma", "optimizer", "scheduler", "trainer")
@@ -118,12 +122,31 @@ def exit_on_user_error(main: Callable) -> Callable:
         try:
             if args and isinstance(args[0], DictConfig) and not in_sweep():
                 check_values(args[0])  # a sweep's jobs check their own: one bad job fails alone
-            return main(*args)
+            result = main(*args)
         except Exception as err:
-            if _user_error(err) is None:
+            # a config whose target refuses its arguments (Trainer(foo=1)) is bad input too;
+            # its traceback goes to the run folder's error.txt, in case it is a bug after all
+            user = _user_error(err) is not None or isinstance(err, InstantiationException)
+            _mark_run_folder(error_line(err), "" if _user_error(err) else traceback.format_exc())
+            if not user:
                 raise
             print(f"error: {error_line(err)}", file=sys.stderr)
             _to_log_files(f"error: {error_line(err)}")
             sys.exit(2)
+        if not in_sweep():  # a sweep's job that failed keeps its error.txt
+            _mark_run_folder(None)
+        return result
 
     return wrapper
+
+
+def _mark_run_folder(line: str | None, details: str = "") -> None:
+    """A failed run's folder says so: error.txt with the error line (and the traceback of a
+    bug); a run that succeeds removes an earlier one."""
+    if not HydraConfig.initialized():
+        return
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    if line is None:
+        (folder / ERROR_FILE).unlink(missing_ok=True)
+    elif folder.is_dir():
+        record_failure(folder, line, details)

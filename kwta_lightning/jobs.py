@@ -21,7 +21,7 @@ from hydra.types import RunMode
 
 log = logging.getLogger(__name__)
 
-ERROR_FILE = "error.txt"  # a failed sweep job's error line and traceback, in its folder
+ERROR_FILE = "error.txt"  # a failed run's error line (and traceback), in its folder
 SWEEP_JOB = "KWTA_SWEEP_JOB"  # set in a job's child: its sweep folder, number and overrides (JSON)
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)

@@ -93,10 +93,23 @@ def test_the_precisions_allowed_are_lightnings():
     assert set(PRECISIONS) == literals(_PRECISION_INPUT)
 
 
-def test_a_bad_value_is_also_in_the_runs_log_file(tmp_path):
+def test_a_failed_runs_folder_says_so_in_its_log_and_error_file(tmp_path):
     result = run_cli(*QUICK, "seed=abc", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2 and "error: seed=abc" not in result.stdout  # once on screen
     assert "error: seed=abc: must be an integer" in (tmp_path / "train.log").read_text()
+    assert (tmp_path / "error.txt").read_text().startswith("error: seed=abc: must be an integer")
+    again = run_cli(*QUICK, "model=cnn", f"hydra.run.dir={tmp_path}", "resume=false")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not (tmp_path / "error.txt").exists()  # the folder no longer says it failed
+
+
+def test_a_trainer_argument_it_does_not_take_is_one_line_and_its_traceback_is_kept(tmp_path):
+    result = run_cli(*QUICK, "+trainer.foo=1", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: InstantiationException: Error in call to target 'lightning")
+    assert "unexpected keyword argument 'foo'" in line
+    assert "Traceback" in (tmp_path / "error.txt").read_text()
 
 
 def test_with_stdout_in_a_file_each_epoch_shows_while_the_run_goes_on(tmp_path):
