@@ -34,8 +34,10 @@ def build_model(ckpt: dict[str, Any]) -> KWTAClassifier:
 
 
 def build_data(ckpt: dict[str, Any], root: str) -> ImageDataModule:
-    """The training run's data module, reading from ``root``, test split ready."""
-    hparams = dict(ckpt["datamodule_hyper_parameters"]) | {"root": root, "num_workers": 0}
+    """The training run's data module, reading from ``root``, with its whole test split: a
+    ``test_subset`` of the training run made its test quick and says nothing about the attack."""
+    hparams = dict(ckpt["datamodule_hyper_parameters"])
+    hparams |= {"root": root, "num_workers": 0, "test_subset": None}
     data = ImageDataModule(**hparams)
     data.prepare_data()
     data.setup()

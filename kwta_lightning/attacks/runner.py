@@ -85,7 +85,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     data = build_data(ckpt, cfg.paths.data_dir)
     x, y, indices = choose_samples(data, cfg.n_samples, cfg.seed)
     log.info(
-        "attacking %s on %d %s test images, eps %s", cfg.ckpt_path, len(x), data_name, epsilons
+        "attacking %s on %d of the %d %s test images (a random choice, seed %d), eps %s",
+        cfg.ckpt_path,
+        len(x),
+        len(data.test_set),
+        data_name,
+        cfg.seed,
+        epsilons,
     )
     sha = file_sha256(cfg.ckpt_path)
 
