@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kwta_lightning.console import exit_on_user_error
-from kwta_lightning.overrides import exit_on_unknown_names
+from kwta_lightning.overrides import exit_on_bad_override
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -26,5 +26,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_unknown_names(CONF, "attack", sys.argv[1:])
+    exit_on_bad_override(CONF, "attack", sys.argv[1:])
     main()

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from kwta_lightning.console import exit_on_user_error
 from kwta_lightning.jobs import ddp_child_argv
-from kwta_lightning.overrides import exit_on_unknown_names
+from kwta_lightning.overrides import exit_on_bad_override
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -26,5 +26,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     sys.argv = ddp_child_argv(sys.argv)
-    exit_on_unknown_names(Path(__file__).resolve().parent / "conf", "train", sys.argv[1:])
+    exit_on_bad_override(Path(__file__).resolve().parent / "conf", "train", sys.argv[1:])
     main()

@@ -1,12 +1,15 @@
-"""Command-line overrides checked before Hydra runs: an unknown option of a config group, or a
-key the config does not have, stops with one line that lists the known names.
+"""Command-line overrides checked before Hydra runs: an unknown option of a config group, a key
+the config does not have, an override Hydra cannot parse, or a run folder that cannot be made
+stops with one line that names it (and the known names, or the nearest key).
 
 Hydra's own errors for these run to many lines ending on its search path or "object_type=dict",
-and for a mistyped key suggest ``+gama=0.1``, which would add the typo as a new key and run with
-the default gamma. Grammar errors and Hydra's own groups (``hydra/...``) are left to Hydra.
+for a mistyped key suggest ``+gama=0.1``, which would add the typo as a new key and run with the
+default gamma, and for a run folder under a file end in a traceback. Hydra's own groups
+(``hydra/launcher=...``) are left to Hydra.
 """
 
 import difflib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,15 +46,46 @@ def _keys(node: DictConfig, path: str = "") -> Iterator[str]:
             yield from _keys(child, where)
 
 
-def unknown_names(conf: Path, config_name: str, args: list[str]) -> str | None:
-    """The error line for the first unknown group option or key in ``args``, or None."""
+def _unparsable(args: list[str]) -> str:
+    parser = OverridesParser.create()
+    for arg in args:
+        try:
+            parser.parse_overrides([arg])
+        except HydraException as err:
+            first = str(err).strip().splitlines()[0]
+            key, _, value = arg.partition("=")
+            if "=" in value:
+                return f"{arg}: a value with '=' in it needs quotes: '{key}=\"{value}\"'"
+            return f"{arg}: not an override Hydra can read ({first})"
+    return "the overrides cannot be read"
+
+
+def _run_folder(key: str, path: str) -> str | None:
+    """Why ``path`` cannot become a run folder, or None."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{key}={path}: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK):
+        return f"{key}={path}: {existing} is not writable"
+    return None
+
+
+def bad_override(conf: Path, config_name: str, args: list[str]) -> str | None:
+    """The error line for the first bad override in ``args``, or None."""
+    args = [a for a in args if "=" in a]
     try:
-        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a])
+        overrides = OverridesParser.create().parse_overrides(args)
     except HydraException:
-        return None  # Hydra explains its grammar itself
+        return _unparsable(args)
     picks, values = [], []
     for override in overrides:
         key = override.key_or_group
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and (
+            why := _run_folder(key, str(override.value()))
+        ):
+            return why
         if override.is_delete() or key.split("/")[0].split(".")[0] == "hydra":
             continue
         if (conf / key).is_dir():
@@ -84,8 +118,8 @@ def unknown_names(conf: Path, config_name: str, args: list[str]) -> str | None:
     return None
 
 
-def exit_on_unknown_names(conf: Path, config_name: str, args: list[str]) -> None:
-    """Print the error line and exit 2 when ``args`` name an unknown option or key."""
-    if (line := unknown_names(conf, config_name, args)) is not None:
+def exit_on_bad_override(conf: Path, config_name: str, args: list[str]) -> None:
+    """Print the error line and exit 2 when ``args`` hold a bad override."""
+    if (line := bad_override(conf, config_name, args)) is not None:
         print(f"error: {line}", file=sys.stderr)
         sys.exit(2)

@@ -26,7 +26,7 @@ from torch import nn
 from kwta_lightning.activations import make_activation
 from kwta_lightning.console import exit_on_user_error, print_summary
 from kwta_lightning.loggers import log_images_to_wandb
-from kwta_lightning.overrides import exit_on_unknown_names
+from kwta_lightning.overrides import exit_on_bad_override
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -145,5 +145,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_unknown_names(Path(__file__).resolve().parent.parent / "conf", "toy1d", sys.argv[1:])
+    exit_on_bad_override(Path(__file__).resolve().parent.parent / "conf", "toy1d", sys.argv[1:])
     main()

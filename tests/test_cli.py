@@ -81,6 +81,19 @@ def test_a_bad_value_fails_at_once_with_one_line(tmp_path, script, override, mes
     assert line.startswith(f"error: {message}")
 
 
+def test_an_override_hydra_cannot_read_or_a_run_folder_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").touch()
+    cases = {
+        f"init_from={tmp_path}/gamma=0.150.ckpt": "a value with '=' in it needs quotes: 'init_from=",
+        f"hydra.run.dir={tmp_path}/afile/run": f"{tmp_path}/afile is a file, not a folder",
+    }
+    for override, message in cases.items():
+        result = run_cli(*QUICK, override)
+        assert result.returncode == 2
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: {override}: ") and message in line, line
+
+
 def test_the_precisions_allowed_are_lightnings():
     from typing import get_args
 

@@ -6,7 +6,7 @@ import shlex
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from kwta_lightning.overrides import unknown_names
+from kwta_lightning.overrides import bad_override
 from kwta_lightning.validation import check_values
 from tests.helpers import ROOT, compose_config
 
@@ -61,5 +61,5 @@ def test_the_docs_show_commands_of_every_entry_point():
 
 @pytest.mark.parametrize(("where", "config", "overrides"), COMMANDS, ids=[c[0] for c in COMMANDS])
 def test_a_documented_command_composes_and_passes_the_checks(tmp_path, where, config, overrides):
-    assert unknown_names(CONF, config, overrides) is None
+    assert bad_override(CONF, config, overrides) is None
     check_values(compose_config(config, tmp_path, first_choices(overrides)))
