@@ -317,6 +317,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if rank_zero_only.rank == 0:
         (output_dir / "metrics.json").unlink(missing_ok=True)  # about to be out of date
     datamodule: L.LightningDataModule = instantiate(cfg.data)
+    if rank_zero_only.rank == 0:
+        datamodule.prepare_data()  # a missing data set is named before the model (and the
+        # k-WTA kernel's first build) takes its time; Lightning's own call then finds it there
     model: L.LightningModule = instantiate(cfg.model)
     loggers = _instantiate_all(cfg.get("logger"))
     _continue_logs(loggers, resume)
