@@ -1,4 +1,5 @@
-"""What the entry points print: the config tree at start, a summary table at the end."""
+"""The entry points' console: the config tree, the summary table, library noise turned off, and
+the door every Hydra main goes through (its values checked; bad input as one line, exit 2)."""
 
 import functools
 import logging
@@ -34,6 +35,9 @@ class _Drop(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
+_TIPS, _DEEPFOOL = _Drop("💡 Tip"), _Drop("Only testing the top-")  # one of each: added once
+
+
 def quiet_libraries() -> None:
     """Turn off the libraries' output that says nothing about the run (call it once they are
     imported: their import sets up their logging). Each with why:"""
@@ -42,9 +46,9 @@ def quiet_libraries() -> None:
         # (Hydra's: console and the run's log file), so every line came twice
         logging.getLogger("lightning").handlers.clear()
     # Lightning's advertisements for its cloud services
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_Drop("💡 Tip"))
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_TIPS)
     # foolbox's DeepFool logs its number of candidate classes (a config value) at every batch
-    logging.getLogger().addFilter(_Drop("Only testing the top-"))
+    logging.getLogger().addFilter(_DEEPFOOL)
     # Lightning's own use of a deprecated torch API: nothing a user can act on
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
@@ -124,14 +128,14 @@ def exit_on_user_error(main: Callable) -> Callable:
                 check_values(args[0])  # a sweep's jobs check their own: one bad job fails alone
             result = main(*args)
         except Exception as err:
+            line, ours = error_line(err), _user_error(err) is not None
+            _mark_run_folder(line, "" if ours else traceback.format_exc())
             # a config whose target refuses its arguments (Trainer(foo=1)) is bad input too;
-            # its traceback goes to the run folder's error.txt, in case it is a bug after all
-            user = _user_error(err) is not None or isinstance(err, InstantiationException)
-            _mark_run_folder(error_line(err), "" if _user_error(err) else traceback.format_exc())
-            if not user:
+            # its traceback is in the run folder's error.txt, in case it is a bug after all
+            if not (ours or isinstance(err, InstantiationException)):
                 raise
-            print(f"error: {error_line(err)}", file=sys.stderr)
-            _to_log_files(f"error: {error_line(err)}")
+            print(f"error: {line}", file=sys.stderr)
+            _to_log_files(f"error: {line}")
             sys.exit(2)
         if not in_sweep():  # a sweep's job that failed keeps its error.txt
             _mark_run_folder(None)

@@ -2,8 +2,9 @@
 sits (``steps`` is a count in every config that has one), so a new config needs no new rule; a
 rule under a whole path (``callbacks.periodic_checkpoint.steps``) takes precedence.
 
-Hydra checks the names (config groups, keys); Lightning, torch and the data module check values
-only once the work has begun, with a traceback. These rules catch the values a user types.
+The names (config groups, keys) are checked by ``overrides.py`` and Hydra; Lightning, torch and
+the data module check values only once the work has begun, with a traceback. These rules catch
+the values a user types.
 """
 
 from collections.abc import Callable, Iterator
