@@ -45,10 +45,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from kwta_lightning.activations import check_gamma
-from kwta_lightning.backbones import build_network, swap_relus
-from kwta_lightning.console import exit_on_user_error
+from kwta_lightning.core.activations import check_gamma
+from kwta_lightning.core.backbones import build_network, swap_relus
 from kwta_lightning.errors import ConfigError
+from kwta_lightning.run.console import exit_on_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -13,7 +13,7 @@ Each candidate returns the exact k-th largest value of every row of a (batch, N)
 * ``radix``: a 4096-bucket histogram of the top 12 bits of the float bit patterns (``bincount``
   on the order-preserving integer keys), then the bucket holding the k-th value is searched with
   ``kthvalue``: a radix select's first level, done with eager ops;
-* ``kernel``: the C++ radix select of ``kwta_lightning/csrc/kwta_cpu.cpp`` (what ``act=kwta``
+* ``kernel``: the C++ radix select of ``kwta_lightning/core/csrc/kwta_cpu.cpp`` (what ``act=kwta``
   runs on CPU); it also writes the masked output, which the others leave out.
 
 Candidates are interleaved per repetition; the table gives medians in ms.
@@ -29,10 +29,10 @@ import rich
 import torch
 from rich.table import Table
 
-from kwta_lightning.activations import check_gamma
-from kwta_lightning.console import exit_on_user_error
+from kwta_lightning.core.activations import check_gamma
+from kwta_lightning.core.kwta_select import cpu_kernel
 from kwta_lightning.errors import ConfigError
-from kwta_lightning.kwta_select import cpu_kernel
+from kwta_lightning.run.console import exit_on_user_error
 
 BUCKET_BITS = 12
 

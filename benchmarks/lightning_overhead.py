@@ -28,8 +28,8 @@ from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from kwta_lightning.console import exit_on_user_error
 from kwta_lightning.errors import ConfigError
+from kwta_lightning.run.console import exit_on_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = ["model=cnn", "data=fake", "act=kwta", "data.num_workers=0", "trainer=cpu"]

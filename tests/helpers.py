@@ -48,15 +48,23 @@ def run_cli(
     timeout: int = 600,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run an entry point as a user would (python train.py key=value ...)."""
+    """Run an app as a user would: ``python train.py key=value ...`` for a script, or an
+    installed command (``kwta-toy1d key=value ...``)."""
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
+        [*command(script), *args],
         cwd=cwd,
         env=env or cli_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def command(script: str) -> list[str]:
+    """The argv that starts ``script``: a root script (``train.py``) or an installed command."""
+    if script.endswith(".py"):
+        return [sys.executable, str(ROOT / script)]
+    return [str(Path(sys.executable).parent / script)]
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kwta_lightning.activations import (
+from kwta_lightning.core.activations import (
     KWTA,
     KWTAChannel,
     kwta_layers,

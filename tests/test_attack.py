@@ -14,7 +14,6 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from torch import nn
 
-from kwta_lightning.activations import KWTA, kwta_layerwise
 from kwta_lightning.attacks.adaptive import NESPGD, BPDALayer, replace_kwta
 from kwta_lightning.attacks.base import AttackResult, margin_loss, perturbation_norms
 from kwta_lightning.attacks.diagnostics import (
@@ -26,7 +25,10 @@ from kwta_lightning.attacks.diagnostics import (
 )
 from kwta_lightning.attacks.evaluate import Evaluator, ProgressLog, evaluate, result_rows
 from kwta_lightning.attacks.pgd import PGD
+from kwta_lightning.attacks.report import training_run
+from kwta_lightning.core.activations import KWTA, kwta_layerwise
 from kwta_lightning.errors import ConfigError
+from kwta_lightning.run.loggers import wandb_logger
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -178,6 +180,15 @@ def test_bpda_forward_is_kwta_and_backward_is_the_surrogate(surrogate, inplace):
 def test_replace_kwta_swaps_every_kwta_layer_on_a_copy(kwta_net):
     relu = replace_kwta(kwta_net, lambda _: nn.ReLU())
     assert isinstance(relu[2], nn.ReLU) and isinstance(kwta_net[2], KWTA)
+
+
+def test_the_training_run_of_a_checkpoint_names_its_wandb_run(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("logger:\n  wandb:\n    project: p\n")
+    logger = wandb_logger(save_dir=str(tmp_path), project="p", mode="disabled")
+    info = training_run(tmp_path / "checkpoints" / "best.ckpt")
+    assert info["wandb_project"] == "p"
+    assert info["wandb_id"] == logger.version
 
 
 def test_nes_gradient_estimate_points_along_the_true_gradient():
@@ -352,3 +363,26 @@ def test_time_left_leaves_out_the_runs_known_to_be_cached(caplog):
         "the rest from the cache",
         "done",
     ]
+
+
+class CountingPasses(nn.Module):
+    """A model that counts the forward-backward passes per input made through it (a forward
+    without gradients counts a third, as ``Attack.passes`` counts it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.passes = model, 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.passes += len(x) * (1.0 if torch.is_grad_enabled() else 1 / 3)
+        return self.model(x)
+
+
+def test_each_budget_is_the_work_the_attack_does(kwta_net):
+    # BPDA and transfer attack copies of the model: their budget is their inner attack's
+    names = "pgd,fgsm,deepfool,apgd_ce,apgd_dlr,nes_pgd,square,autoattack,l2_pgd,deepfool_l2,cw"
+    x, y = patches(8)
+    for name, attack in compose_attacks([], names).items():
+        counted = CountingPasses(kwta_net).eval()
+        attack.run(counted, x, y, [0.01 if attack.norm == "linf" else 0.05])  # little is fooled
+        assert 0.5 <= counted.passes / len(x) / attack.passes() <= 1.5, name

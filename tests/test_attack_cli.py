@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from kwta_lightning.attacks.checkpoint import CheckpointError, load_checkpoint
-from kwta_lightning.training import train
-from tests.helpers import compose_train, run_cli
+from kwta_lightning.attacks.runner import radii
+from kwta_lightning.errors import ConfigError
+from kwta_lightning.run.training import train
+from tests.helpers import command, compose_train, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +29,18 @@ def checkpoint(tmp_path_factory) -> Path:
     overrides = ["data=fake", "data.image_size=16", "data.batch_size=16", "trainer=cpu"]
     train(compose_train(out, [*overrides, "logger=csv", "model=cnn", "act=kwta", "debug=limit"]))
     return out / "checkpoints" / "best.ckpt"
+
+
+def test_the_default_radii_are_the_threat_model_saved_with_the_checkpoint(checkpoint):
+    threat = load_checkpoint(checkpoint)["datamodule_hyper_parameters"]["threat"]
+    assert threat == {  # conf/data/fake.yaml's
+        "eps": [0.031],
+        "l2_eps": [0.5],
+        "adv_train": {"eps": 0.031, "step_size": 0.007, "steps": 10},
+    }
+    assert radii(None, threat, "eps") == [0.031] and radii([0.2, 0.1], threat, "eps") == [0.1, 0.2]
+    with pytest.raises(ConfigError, match="has no threat model"):
+        radii(None, None, "l2_eps")  # a checkpoint from before threat models: give l2_eps=[...]
 
 
 def run_attack_cli(*args: str) -> subprocess.CompletedProcess:
@@ -90,7 +104,7 @@ def test_cli_writes_the_report_files_and_schema(checkpoint, quick_run):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["checkpoint"] == str(checkpoint)
     assert report["n_samples"] == 24 and report["data"] == "fake"
-    assert report["epsilons"] == {"linf": [0.0, 0.1], "l2": [0.5]}
+    assert report["epsilons"] == {"linf": [0.0, 0.1]}  # no L2 attack, no L2 radii
     assert report["complete"] is True
     rows = report["results"]
     assert [(r["attack"], r["eps"]) for r in rows] == [
@@ -170,9 +184,7 @@ def test_merged_reports_give_the_per_input_worst_case(checkpoint, quick_run, tmp
     assert fgsm_only.returncode == 0, fgsm_only.stderr[-3000:]
     merged = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "kwta_lightning.attacks.merge",
+            *command("kwta-merge"),
             str(tmp_path / "a"),
             str(quick_run[0]),
             "--out",

@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from kwta_lightning.activations import KWTA, KWTAChannel
-from kwta_lightning.backbones import (
+from kwta_lightning.core.activations import KWTA, KWTAChannel
+from kwta_lightning.core.backbones import (
     ModelRefused,
     Normalize,
+    SmallCNN,
     build_network,
     count_calls,
     swap_relus,
@@ -187,3 +188,18 @@ def test_pretrained_weights_come_through_torchvision_weights_api(tmp_path, monke
     )
     assert net.classifier[1].out_channels == 10  # the 1000-class head was replaced
     assert net(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_a_small_cnn_checkpoint_from_before_its_layers_had_names_still_loads():
+    torch.manual_seed(0)
+    trained = SmallCNN()
+    names = [name for name, _ in trained.named_children()]
+    numbered = {}
+    for key, value in trained.state_dict().items():
+        name, rest = key.split(".", 1)
+        numbered[f"{names.index(name)}.{rest}"] = value
+    assert "0.weight" in numbered and "conv1.weight" not in numbered
+    loaded = SmallCNN()
+    loaded.load_state_dict(numbered)  # strict: every key found its layer
+    for key, value in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from kwta_lightning.activations import kwta_layerwise_topk
+from kwta_lightning.core.activations import kwta_layerwise_topk
 from tests.helpers import ROOT
 
 

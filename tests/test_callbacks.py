@@ -9,20 +9,12 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from kwta_lightning.activations import KWTA, kwta_layers
-from kwta_lightning.callbacks import (
-    Linear,
-    Milestones,
-    Paper,
-    ReluToKWTA,
-    Step,
-    WarmStart,
-    load_weights,
-    reestimate_batchnorm,
-)
+from kwta_lightning.core.activations import KWTA, kwta_layers
+from kwta_lightning.core.callbacks import ReluToKWTA, WarmStart, load_weights, reestimate_batchnorm
+from kwta_lightning.core.gamma_schedules import LinearGamma, MilestoneGamma, PaperGamma, StepGamma
+from kwta_lightning.core.module import KWTAClassifier
 from kwta_lightning.errors import ConfigError
-from kwta_lightning.module import KWTAClassifier
-from kwta_lightning.training import train
+from kwta_lightning.run.training import train
 from tests.helpers import compose_train, run_cli
 
 TINY = ["data=fake", "data.image_size=16", "data.batch_size=16", "trainer=cpu", "logger=csv"]
@@ -43,11 +35,11 @@ def gamma_of(ckpt: Path) -> set[float]:
 @pytest.mark.parametrize(
     ("schedule", "expected"),
     [
-        (Linear(0.2, 0.1, epochs=2), [0.2, 0.15, 0.1, 0.1]),
-        (Step(0.2, 0.1, epochs=4, steps=2), [0.2, 0.2, 0.15, 0.15, 0.1, 0.1]),
-        (Milestones([[0, 0.3], [2, 0.2], [3, 0.1]]), [0.3, 0.3, 0.2, 0.1, 0.1]),
+        (LinearGamma(0.2, 0.1, epochs=2), [0.2, 0.15, 0.1, 0.1]),
+        (StepGamma(0.2, 0.1, epochs=4, steps=2), [0.2, 0.2, 0.15, 0.15, 0.1, 0.1]),
+        (MilestoneGamma([[0, 0.3], [2, 0.2], [3, 0.1]]), [0.3, 0.3, 0.2, 0.1, 0.1]),
         (
-            Paper(0.2, delta=0.005, every_n_epochs=2, floor=0.19),
+            PaperGamma(0.2, delta=0.005, every_n_epochs=2, floor=0.19),
             [0.2, 0.2, 0.195, 0.195, 0.19, 0.19],
         ),
     ],
@@ -59,11 +51,11 @@ def test_schedules(schedule, expected):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: Linear(0.2, 1.5, epochs=2),
-        lambda: Step(0.2, 0.1, epochs=0),
-        lambda: Milestones([[1, 0.2]]),
-        lambda: Milestones([[0, 0.2], [3, 0.1], [2, 0.05]]),
-        lambda: Paper(0.2, delta=-0.005, every_n_epochs=2, floor=0.1),
+        lambda: LinearGamma(0.2, 1.5, epochs=2),
+        lambda: StepGamma(0.2, 0.1, epochs=0),
+        lambda: MilestoneGamma([[1, 0.2]]),
+        lambda: MilestoneGamma([[0, 0.2], [3, 0.1], [2, 0.05]]),
+        lambda: PaperGamma(0.2, delta=-0.005, every_n_epochs=2, floor=0.1),
     ],
 )
 def test_bad_schedules_are_refused(make):

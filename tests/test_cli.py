@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from kwta_lightning.data import ImageDataModule
-from kwta_lightning.module import KWTAClassifier
-from kwta_lightning.validation import PRECISIONS
+from kwta_lightning.core.data import ImageDataModule
+from kwta_lightning.core.module import KWTAClassifier
+from kwta_lightning.run.validation import PRECISIONS
 from tests.helpers import ROOT, cli_env, needs_mnist, run_cli
 
 QUICK = ["data=fake", "debug=fdr", "logger=csv"]
@@ -49,13 +49,15 @@ BAD_VALUES = [
     ("train.py", "adv_train.epss=0.1", "adv_train.epss is not a key of the config (did you mean"),
     ("train.py", "trainer.limit_train_batches=2", "trainer.limit_train_batches is not a key of"),
     ("train.py", "model=resnet19", "unknown model resnet19; known: alexnet, classifier, cnn"),
-    ("train.py", "act=gelu", "unknown act gelu; known: kwta, kwta_channel"),
+    ("train.py", "act=gelu", "unknown act gelu; known: kwta, relu"),
+    ("train.py", "act.impl=fast", "act.impl=fast: must be one of kernel, torch, topk"),
+    ("train.py", "act.per_channel=maybe", "act.per_channel=maybe: must be true or false"),
     ("train.py", "logger=foo", "unknown logger foo; known: csv, many_loggers, none"),
     ("train.py", "optimizer=adamw", "unknown optimizer adamw; known: adam, sgd"),
     ("attack.py", "preset=mnist", "unknown preset mnist; known: mnist_kwta"),
     ("attack.py", "attack.pgd.stepz=3", "attack.pgd.stepz is not a key of the config (did you"),
     (
-        "kwta_lightning/toy1d.py",
+        "kwta-toy1d",
         "widht=3",
         "widht is not a key of the config (did you mean width?)",
     ),
@@ -67,8 +69,8 @@ BAD_VALUES = [
     ("attack.py", "attack.nes_pgd.sigma=0", "attack.nes_pgd.sigma=0: must be a number > 0"),
     ("attack.py", "diagnostics.tolerance=2", "diagnostics.tolerance=2: must be a number >= 0"),
     ("attack.py", "attack=[pgd,pgdd]", "unknown attack pgdd; known: apgd_ce"),
-    ("kwta_lightning/toy1d.py", "steps=-1", "steps=-1: must be an integer >= 1"),
-    ("kwta_lightning/landscape.py", "n_inputs=0", "n_inputs=0: must be an integer >= 1"),
+    ("kwta-toy1d", "steps=-1", "steps=-1: must be an integer >= 1"),
+    ("kwta-landscape", "n_inputs=0", "n_inputs=0: must be an integer >= 1"),
 ]
 
 

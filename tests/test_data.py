@@ -6,8 +6,8 @@ from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DistributedSampler
 from torchvision.transforms import functional as TF
 
-from kwta_lightning import data as data_module
-from kwta_lightning.data import CropFlip, DatasetSpec, ImageDataModule
+from kwta_lightning.core import data as data_module
+from kwta_lightning.core.data import CropFlip, DatasetSpec, ImageDataModule
 from tests.helpers import MNIST_ROOT, compose_train, needs_mnist, run_cli
 
 FAKE = {"name": "fake", "val_size": 200, "num_workers": 0, "batch_size": 64}

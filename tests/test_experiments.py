@@ -6,9 +6,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from kwta_lightning.activations import kwta_layers
-from kwta_lightning.callbacks import Milestones, Paper, ReluToKWTA, SparsityAnnealing
-from kwta_lightning.training import train
+from kwta_lightning.core.activations import kwta_layers
+from kwta_lightning.core.callbacks import ReluToKWTA, SparsityAnnealing
+from kwta_lightning.core.gamma_schedules import MilestoneGamma, PaperGamma
+from kwta_lightning.run.training import train
 from tests.helpers import ROOT, compose_train, needs_mnist
 
 # CIFAR-10 needs a download: fake images of the same shape stand in; no pretrained weights either.
@@ -22,8 +23,7 @@ def test_every_experiment_is_tested():
         "paper_adv_train",
         "paper_cifar_resnet18",
         "paper_incremental",
-        "repro_warmstart_alexnet",
-        "repro_warmstart_resnet18",
+        "repro_warmstart",
     ]
 
 
@@ -46,21 +46,22 @@ def test_paper_recipe_values(tmp_path):
 def test_incremental_recipe_follows_the_paper_rule(tmp_path):
     cfg = compose_train(tmp_path, ["experiment=paper_incremental", "init_from=x.ckpt"])
     annealing = instantiate(cfg.callbacks.sparsity_annealing)
-    assert isinstance(annealing, SparsityAnnealing) and isinstance(annealing.schedule, Paper)
+    assert isinstance(annealing, SparsityAnnealing) and isinstance(annealing.schedule, PaperGamma)
     gammas = [round(annealing.schedule(e), 6) for e in range(cfg.trainer.max_epochs)]
     assert gammas[:5] == [0.2, 0.2, 0.195, 0.195, 0.19] and gammas[-1] == 0.03 == cfg.gamma
     assert cfg.optimizer.lr == 0.001 and not cfg.scheduler
     assert annealing.checkpoint_dir == tmp_path / "checkpoints"
 
 
-@pytest.mark.parametrize("name", ["repro_warmstart_resnet18", "repro_warmstart_alexnet"])
-def test_repro_recipe_goes_relu_then_02_then_01(tmp_path, name):
-    cfg = compose_train(tmp_path, [f"experiment={name}"])
-    assert cfg.model.pretrained and cfg.model.activation == "relu" and cfg.data.image_size == 224
+@pytest.mark.parametrize("model", ["resnet18", "alexnet"])
+def test_repro_recipe_goes_relu_then_02_then_01(tmp_path, model):
+    cfg = compose_train(tmp_path, ["experiment=repro_warmstart", f"model={model}"])
+    assert cfg.model.backbone == model and cfg.model.pretrained and cfg.data.image_size == 224
+    assert cfg.model.activation == "relu"
     assert (cfg.data.batch_size, cfg.optimizer.lr, cfg.trainer.gradient_clip_val) == (16, 0.01, 0.5)
     switch = instantiate(cfg.callbacks.relu_to_kwta)
     annealing = instantiate(cfg.callbacks.sparsity_annealing)
-    assert isinstance(switch, ReluToKWTA) and isinstance(annealing.schedule, Milestones)
+    assert isinstance(switch, ReluToKWTA) and isinstance(annealing.schedule, MilestoneGamma)
     assert (switch.activation, switch.gamma) == ("kwta", 0.2)
     epochs = range(switch.relu_epochs, cfg.trainer.max_epochs)
     assert sorted({annealing.schedule(e) for e in epochs}, reverse=True) == [0.2, 0.1]
@@ -72,8 +73,8 @@ def test_repro_recipe_goes_relu_then_02_then_01(tmp_path, name):
     [
         ("paper_cifar_resnet18", []),
         ("paper_adv_train", ["adv_train.steps=2"]),
-        ("repro_warmstart_resnet18", ["model.pretrained=false"]),
-        ("repro_warmstart_alexnet", ["model.pretrained=false"]),
+        ("repro_warmstart", ["model.pretrained=false"]),
+        ("repro_warmstart", ["model=alexnet", "model.pretrained=false"]),
     ],
 )
 def test_experiment_runs_one_step(tmp_path, name, extra):

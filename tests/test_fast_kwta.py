@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.utils.cpp_extension
 
-from kwta_lightning import kwta_select
-from kwta_lightning.activations import (
+from kwta_lightning.core import kwta_select
+from kwta_lightning.core.activations import (
     KWTA,
     KWTAChannel,
     kwta_channelwise,
@@ -17,8 +17,8 @@ from kwta_lightning.activations import (
     make_activation,
     set_gamma,
 )
-from kwta_lightning.backbones import build_network
-from kwta_lightning.kwta_select import KWTAFunction, cpu_kernel
+from kwta_lightning.core.backbones import build_network
+from kwta_lightning.core.kwta_select import KWTAFunction, cpu_kernel
 from tests.helpers import run_cli
 
 SMALL = (3, 4, 5, 6)

@@ -5,12 +5,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from kwta_lightning.activations import KWTA
-from kwta_lightning.landscape import activation_changes, directions, loss_grid, roughness
-from kwta_lightning.landscape import run as run_landscape
-from kwta_lightning.toy1d import find_jumps, make_mlp
-from kwta_lightning.toy1d import run as run_toy1d
-from kwta_lightning.training import train
+from kwta_lightning.apps.landscape import activation_changes, directions, loss_grid, roughness
+from kwta_lightning.apps.landscape import run as run_landscape
+from kwta_lightning.apps.toy1d import find_jumps, make_mlp
+from kwta_lightning.apps.toy1d import run as run_toy1d
+from kwta_lightning.core.activations import KWTA
+from kwta_lightning.run.training import train
 from tests.helpers import compose_config, compose_train
 
 

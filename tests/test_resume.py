@@ -13,11 +13,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from kwta_lightning import kwta_select
-from kwta_lightning.checkpoints import CheckpointError, SafeCheckpointIO, newest_good_checkpoint
-from kwta_lightning.loggers import AppendingTensorBoardLogger, wandb_logger
-from kwta_lightning.resume import changed_keys, move_previous_run
-from kwta_lightning.training import train
+from kwta_lightning.core import kwta_select
+from kwta_lightning.run.checkpoints import CheckpointError, SafeCheckpointIO, newest_good_checkpoint
+from kwta_lightning.run.loggers import AppendingTensorBoardLogger, wandb_logger
+from kwta_lightning.run.resume import changed_keys, move_previous_run
+from kwta_lightning.run.training import train
 from tests.helpers import cli_env, compose_train, needs_mnist, run_cli, start_cli
 
 # Real MNIST, 12 steps an epoch, 3 epochs, deterministic: a run takes seconds.

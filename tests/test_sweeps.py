@@ -2,9 +2,7 @@
 
 import csv
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,14 +13,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-from kwta_lightning import summarize
-from kwta_lightning.data import ImageDataModule
+from kwta_lightning.apps import summarize
+from kwta_lightning.core.data import ImageDataModule
+from kwta_lightning.core.module import KWTAClassifier
 from kwta_lightning.errors import ConfigError
-from kwta_lightning.jobs import DDP_CHILD_ARGS, NO_HYDRA_OUTPUT, ddp_child_argv
-from kwta_lightning.loggers import wandb_logger
-from kwta_lightning.module import KWTAClassifier
-from kwta_lightning.training import _job_devices, run_job
-from tests.helpers import ROOT, compose_train, run_cli
+from kwta_lightning.run import loggers
+from kwta_lightning.run.jobs import DDP_CHILD_ARGS, NO_HYDRA_OUTPUT, ddp_child_argv
+from kwta_lightning.run.loggers import wandb_logger
+from kwta_lightning.run.training import _job_devices, run_job
+from tests.helpers import ROOT, command, compose_train, run_cli
 
 # One batch of train, val and test per job, small batches: a job takes seconds.
 TINY = ["data=fake", "debug=fdr", "data.batch_size=16"]
@@ -234,6 +233,21 @@ def test_wandb_runs_of_a_sweep_share_a_group_and_carry_their_overrides(multirun_
     assert named._wandb_init["group"] == "mine"
 
 
+def test_wandb_auto_mode_probes_the_server_wandb_would_use(monkeypatch):
+    probed = []
+
+    def unreachable(address, timeout):
+        probed.append(address)
+        raise OSError("no network")
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "key")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://wandb.example.org:8080")
+    monkeypatch.setattr(loggers.socket, "create_connection", unreachable)
+    assert loggers.wandb_mode("auto") == "offline"
+    assert probed == [("wandb.example.org", 8080)]
+
+
 def test_sweep_jobs_spread_over_gpus(multirun_hydra, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert _job_devices(multirun_hydra) == {"devices": [1]}  # job 5 on GPU 5 mod 4
@@ -352,9 +366,8 @@ def sweep(tmp_path):
 
 def summarize_cli(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "kwta_lightning.summarize", *args],
+        [*command("kwta-summarize"), *args],
         cwd=cwd,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         timeout=300,
@@ -425,7 +438,7 @@ def test_summary_of_bad_input_fails_with_one_line(sweep, spoil, args, message):
 
 
 def test_attack_run_folders_are_reports_not_rows(tmp_path):
-    from kwta_lightning.summarize import find_inputs
+    from kwta_lightning.apps.summarize import find_inputs
 
     for name, task in (("train_run", "train"), ("attack_run", "attack")):
         (tmp_path / name / ".hydra").mkdir(parents=True)

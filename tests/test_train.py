@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from kwta_lightning.activations import KWTA, KWTAChannel
-from kwta_lightning.data import ImageDataModule
-from kwta_lightning.module import KWTAClassifier
-from kwta_lightning.training import train
+from kwta_lightning.core.activations import KWTA, KWTAChannel
+from kwta_lightning.core.data import ImageDataModule
+from kwta_lightning.core.module import KWTAClassifier
+from kwta_lightning.run.training import train
 from tests.helpers import compose_train
 
 TINY = ["data=fake", "data.image_size=16", "data.batch_size=16", "trainer=cpu", "logger=csv"]
@@ -24,7 +24,8 @@ TINY = ["data=fake", "data.image_size=16", "data.batch_size=16", "trainer=cpu", 
     ],
 )
 def test_fast_dev_run(tmp_path, model, act, layer):
-    cfg = compose_train(tmp_path, [*TINY, f"model={model}", f"act={act}", "debug=fdr"])
+    choice = ["act=kwta", "act.per_channel=true"] if act == "kwta_channel" else [f"act={act}"]
+    cfg = compose_train(tmp_path, [*TINY, f"model={model}", *choice, "debug=fdr"])
     metrics = train(cfg)
     assert 0 <= metrics["test_acc"] <= 1
     assert metrics["model"] == model and metrics["act"] == act
@@ -75,7 +76,7 @@ def test_kwta_layers_log_gamma_and_active_fraction(tmp_path):
     cfg = compose_train(tmp_path, [*TINY, "model=cnn", "act=kwta", "gamma=0.3", "debug=limit"])
     train(cfg)
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"gamma", "lr", "active/mean", "active/1.2", "train/acc", "val/acc"} <= set(header)
+    assert {"gamma", "lr-SGD", "active/mean", "active/act1", "train/acc", "val/acc"} <= set(header)
 
 
 def test_last_checkpoint_is_written_every_epoch_even_without_a_new_best(tmp_path):

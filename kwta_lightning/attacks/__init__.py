@@ -3,7 +3,7 @@
 ``attack.py`` composes ``conf/attack.yaml``; ``runner.run(cfg)`` loads the checkpoint
 (``checkpoint``), runs every configured attack at every eps (``evaluate``, through the result
 cache of ``store``), checks the numbers for signs of gradient masking and gives the verdict
-(``diagnostics``), and writes the report (``kwta_lightning.report``) after every attack.
+(``diagnostics``), and writes the report (``kwta_lightning.attacks.report``) after every attack.
 ``merge`` combines reports of one checkpoint. The attacks: ``pgd`` (PGD with a step schedule and
 restarts), ``adaptive`` (NES, BPDA, transfer), ``library`` (foolbox, APGD, Square, AutoAttack),
 ``vga``.

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kwta_lightning.activations import KWTAChannel, kwta_layers, num_winners
 from kwta_lightning.attacks.base import Attack, AttackOutput, check_choice
 from kwta_lightning.attacks.checkpoint import build_model, load_checkpoint
 from kwta_lightning.attacks.library import FoolboxAttack
 from kwta_lightning.attacks.pgd import PGD, per_sample_loss
+from kwta_lightning.core.activations import KWTAChannel, kwta_layers, num_winners
 from kwta_lightning.errors import ConfigError
 
 SURROGATES = ("relu", "soft_kwta")
@@ -62,6 +62,10 @@ class NESPGD(PGD):
             )
         self.samples, self.sigma, self.chunk = samples, sigma, chunk
 
+    def passes(self) -> float:
+        forwards = sum(self.samples[self.phase(step)] for step in range(self.steps))
+        return self.restarts * forwards / 3
+
     @torch.no_grad()
     def gradient(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int
@@ -85,8 +89,7 @@ def replace_kwta(model: nn.Module, make: Callable[[nn.Module], nn.Module]) -> nn
     """A copy of ``model`` with every k-WTA layer replaced by ``make(layer)``."""
     model = copy.deepcopy(model)
     for name, layer in kwta_layers(model).items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, make(layer))
+        model.set_submodule(name, make(layer))
     return model
 
 
@@ -139,6 +142,9 @@ class BPDA(Attack):
         self.inner, self.surrogate = attack, surrogate
         self.temperatures = list(temperatures) if surrogate == "soft_kwta" else [1.0]
 
+    def passes(self) -> float:
+        return self.inner.passes() * len(self.temperatures)  # each on the inputs still standing
+
     def attack(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     ) -> AttackOutput:
@@ -174,6 +180,9 @@ class Transfer(Attack):
         self.shares_epsilons = self.inner.shares_epsilons
         self.surrogate_ckpt = surrogate_ckpt
         self._loaded: nn.Module | None = None
+
+    def passes(self) -> float | None:
+        return self.inner.passes()  # on the surrogate, which is the target's size or smaller
 
     def surrogate_for(self, model: nn.Module) -> nn.Module:
         if self.surrogate_ckpt is None:

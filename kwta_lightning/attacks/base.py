@@ -79,6 +79,12 @@ class Attack(ABC):
     ) -> AttackOutput:
         """Adversarial inputs for one eps."""
 
+    def passes(self) -> float | None:
+        """Its budget in forward-backward passes per input (a forward alone counts a third) for
+        one eps (or one :meth:`run` of a minimisation attack); less where it stops early. None:
+        not known in advance."""
+        return None
+
 
 def perturbation_norms(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-sample Linf or L2 norm of x_adv - x."""

@@ -1,15 +1,15 @@
 """Rebuild a model and its data module from a checkpoint without running pickled code
-(``kwta_lightning.checkpoints.load_weights_only``)."""
+(``kwta_lightning.run.checkpoints.load_weights_only``)."""
 
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kwta_lightning.checkpoints import CheckpointError, load_weights_only
-from kwta_lightning.data import ImageDataModule
+from kwta_lightning.core.data import ImageDataModule
+from kwta_lightning.core.module import KWTAClassifier
 from kwta_lightning.errors import ConfigError
-from kwta_lightning.module import KWTAClassifier
+from kwta_lightning.run.checkpoints import CheckpointError, load_weights_only
 
 __all__ = ["CheckpointError", "build_data", "build_model", "choose_samples", "load_checkpoint"]
 

@@ -322,6 +322,17 @@ def planned_runs(attacks: Mapping[str, Attack], pgd_radii: int, convergence_doub
     return 1 + (pgd_radii * convergence_doublings if converging else 0)
 
 
+def planned_passes(
+    attacks: Mapping[str, Attack], pgd_radii: int, unbounded_steps: int, convergence_doublings: int
+) -> float:
+    """Forward-backward passes per input of those runs at most (see ``Attack.passes``)."""
+    pgd = attacks.get("pgd")
+    if not isinstance(pgd, PGD):
+        return unbounded_steps
+    doubled = sum(2**k for k in range(1, convergence_doublings + 1))
+    return unbounded_steps + pgd.passes() * doubled * pgd_radii
+
+
 def run_diagnostics(
     evaluator: Evaluator,
     attacks: Mapping[str, Attack],

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kwta_lightning.attacks.base import Attack, AttackResult, perturbation_norms, project
-from kwta_lightning.console import duration
+from kwta_lightning.run.console import duration
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,20 @@ class Evaluator:
         self.progress = progress or ProgressLog(0)
         clean_preds = predict(self.model, x, batch_size, device)
         self.evaluation = Evaluation(clean_preds == y, clean_preds, x[:n_examples])
+
+    def seconds_per_pass(self) -> float:
+        """Seconds of one forward-backward pass per input, timed on one batch after a warm-up:
+        the unit of ``Attack.passes``."""
+        x = self.x[: self.batch_size].to(self.device)
+        y = self.y[: self.batch_size].to(self.device)
+        for _ in range(2):  # the first pass pays for one-time set-up (kernels, allocations)
+            started = time.perf_counter()
+            x.requires_grad_(True)
+            loss = nn.functional.cross_entropy(self.model(x), y)
+            torch.autograd.grad(loss, x)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        return (time.perf_counter() - started) / len(x)
 
     def run(
         self, attack: Attack, epsilons: Sequence[float], params: Mapping[str, Any] | None = None

@@ -59,6 +59,15 @@ class FoolboxAttack(Attack):
         self.fb_attack = attack
         self.shares_epsilons = isinstance(attack, fb.attacks.base.MinimizationAttack)
 
+    def passes(self) -> float | None:
+        """Gradient steps x DeepFool's candidates x C&W's binary search steps; HopSkipJump's
+        queries depend on the run."""
+        steps = getattr(self.fb_attack, "steps", None)
+        if steps is None or isinstance(self.fb_attack, fb.attacks.HopSkipJumpAttack):
+            return None
+        candidates = getattr(self.fb_attack, "candidates", 1)
+        return steps * candidates * getattr(self.fb_attack, "binary_search_steps", 1)
+
     def run(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilons: Sequence[float]
     ) -> list[AttackOutput]:
@@ -92,6 +101,9 @@ class Square(Attack):
             n_restarts,
             seed,
         )
+
+    def passes(self) -> float:
+        return self.n_queries * self.n_restarts / 3  # forwards only
 
     def attack(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
@@ -132,6 +144,9 @@ class APGD(Attack):
         check_choice(name, "loss", loss, APGD_LOSSES)
         self.loss, self.steps, self.restarts, self.seed = loss, steps, restarts, seed
         self.warnings: list[str] = []
+
+    def passes(self) -> float:
+        return self.steps * self.restarts
 
     def attack(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
@@ -181,6 +196,11 @@ class AutoAttack(Attack):
         )
         self.version, self.seed = version, seed
         self.warnings: list[str] = []
+
+    def passes(self) -> float:
+        """standard: APGD-CE, APGD-T and FAB-T (9 targets) 100 steps each, Square 5000 queries;
+        rand: APGD-CE and APGD-DLR with 20 EOT samples. Each runs on the inputs still standing."""
+        return 100 + 900 + 900 + 5000 / 3 if self.version == "standard" else 200 * 20
 
     def attack(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float

@@ -1,6 +1,6 @@
 """Merge attack reports of one checkpoint into one worst case, per input.
 
-uv run python -m kwta_lightning.attacks.merge outputs/attack/runs/A outputs/attack/runs/B --out DIR
+uv run kwta-merge outputs/attack/runs/A outputs/attack/runs/B --out DIR
 
 Reads each folder's report.json and outcomes.json, keeps the test images every report attacked
 (by test-set index), and writes a report whose verdict is the per-input worst case over every
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kwta_lightning import report
+from kwta_lightning.attacks import report
 from kwta_lightning.attacks.base import AttackResult
 from kwta_lightning.attacks.diagnostics import Diagnostic, result_checks, verdict
 from kwta_lightning.attacks.evaluate import Evaluation, result_rows
@@ -108,7 +108,7 @@ def merge(folders: list[Path], out: Path, tolerance: float = 0.01) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="kwta-merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="+", type=Path, help="attack report folders")
     parser.add_argument("--out", type=Path, required=True, help="folder of the merged report")
     parser.add_argument("--tolerance", type=float, default=0.01)
@@ -119,7 +119,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     report.print_console(summary, args.out)
-
-
-if __name__ == "__main__":
-    main()

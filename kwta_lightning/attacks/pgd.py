@@ -64,6 +64,9 @@ class PGD(Attack):
         self.decay_at, self.loss = sorted(decay_at), loss
         self.random_start, self.momentum, self.seed = random_start, momentum, seed
 
+    def passes(self) -> float:
+        return self.steps * self.restarts
+
     def phase(self, step: int) -> int:
         """How many decay points iteration ``step`` has passed (0 before the first)."""
         return sum(step >= fraction * self.steps for fraction in self.decay_at)

@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from kwta_lightning import report
+from kwta_lightning.attacks import report
 from kwta_lightning.attacks.base import Attack, AttackResult
 from kwta_lightning.attacks.checkpoint import (
     build_data,
@@ -19,21 +19,30 @@ from kwta_lightning.attacks.checkpoint import (
     choose_samples,
     load_checkpoint,
 )
-from kwta_lightning.attacks.diagnostics import Diagnostic, planned_runs, run_diagnostics, verdict
+from kwta_lightning.attacks.diagnostics import (
+    Diagnostic,
+    planned_passes,
+    planned_runs,
+    run_diagnostics,
+    verdict,
+)
 from kwta_lightning.attacks.evaluate import Evaluator, ProgressLog, result_rows
 from kwta_lightning.attacks.store import ResultCache, file_sha256, result_key
-from kwta_lightning.console import print_config_tree, quiet_libraries
 from kwta_lightning.errors import ConfigError
+from kwta_lightning.run.console import duration, print_config_tree, quiet_libraries
 
 log = logging.getLogger(__name__)
 
 
-def radii(value: Any, defaults: DictConfig, data_name: str, key: str) -> list[float]:
-    """The configured radii as a sorted list, or the data set's published ones."""
+def radii(value: Any, threat: Mapping[str, Any] | None, key: str) -> list[float]:
+    """The configured radii as a sorted list, or those of the data set's threat model."""
     if value is None:
-        if data_name not in defaults:
-            raise ConfigError(f"{key} is null and default_{key} has no entry for {data_name}")
-        value = defaults[data_name]
+        if not threat or key not in threat:
+            raise ConfigError(
+                f"{key} is null and the checkpoint has no threat model (threat.{key}) of its "
+                f"data set; give {key}=[...]"
+            )
+        value = threat[key]
     values = list(value) if OmegaConf.is_list(value) or isinstance(value, list) else [value]
     if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
         raise ConfigError(f"{key} must be a number or a list of numbers, got {value!r}")
@@ -65,6 +74,37 @@ def attack_params(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     return {name: OmegaConf.to_container(node, resolve=True) for name, node in cfg.attack.items()}
 
 
+def log_estimate(
+    attacks: Mapping[str, Attack],
+    epsilons: Mapping[str, Sequence[float]],
+    cached: set[str],
+    diagnostic_passes: float,
+    n_inputs: int,
+    seconds_per_pass: float,
+) -> None:
+    """The suite's duration, from each attack's budget and the time of one pass."""
+    passes, unknown = diagnostic_passes, []
+    for name, attack in attacks.items():
+        budget = attack.passes()
+        if name in cached:
+            continue
+        if budget is None:
+            unknown.append(name)
+            continue
+        passes += budget * (1 if attack.shares_epsilons else len(epsilons[attack.norm]))
+    todo = len(attacks) - len(cached)
+    log.info(
+        "estimate: about %s for %d attack%s%s (one forward-backward pass: %.2f ms an image); "
+        "less where attacks stop early or inputs are fooled on the way%s",
+        duration(passes * n_inputs * seconds_per_pass),
+        todo,
+        "" if todo == 1 else "s",
+        f" ({len(cached)} more from the cache)" if cached else "",
+        1000 * seconds_per_pass,
+        f"; not counted: {', '.join(unknown)}" if unknown else "",
+    )
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path``; write the report after every attack and return the last."""
     started = time.perf_counter()
@@ -74,11 +114,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     ckpt = load_checkpoint(cfg.ckpt_path)
     data_name = ckpt["datamodule_hyper_parameters"]["name"]
-    epsilons = {
-        "linf": radii(cfg.eps, cfg.default_eps, data_name, "eps"),
-        "l2": radii(cfg.l2_eps, cfg.default_l2_eps, data_name, "l2_eps"),
-    }
+    threat = ckpt["datamodule_hyper_parameters"].get("threat")
     attacks = build_attacks(cfg)
+    norms = {a.norm for a in attacks.values()}
+    epsilons = {
+        norm: radii(cfg[key], threat, key)
+        for norm, key in (("linf", "eps"), ("l2", "l2_eps"))
+        if norm in norms
+    }
     params = attack_params(cfg)
     device = pick_device(cfg.device)
     model = build_model(ckpt)
@@ -109,11 +152,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pgd_radii = len(epsilons["linf"]) if "pgd" in attacks else 0
     total += planned_runs(attacks, pgd_radii, cfg.diagnostics.convergence_doublings)
     cache = ResultCache(cfg.cache_dir, sha)
-    cached = sum(
-        len(epsilons[a.norm])
+    cached = {
+        name
         for name, a in attacks.items()
         if cache.has(name, key(a, epsilons[a.norm], params[name]))
-    )
+    }
     evaluator = Evaluator(
         model,
         x,
@@ -123,8 +166,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.n_examples,
         cache,
         key,
-        ProgressLog(total, cached),
+        ProgressLog(total, sum(len(epsilons[attacks[name].norm]) for name in cached)),
     )
+    diagnostic_passes = planned_passes(
+        attacks, pgd_radii, cfg.diagnostics.unbounded_steps, cfg.diagnostics.convergence_doublings
+    )
+    log_estimate(attacks, epsilons, cached, diagnostic_passes, len(x), evaluator.seconds_per_pass())
     evaluation = evaluator.evaluation
     hparams = ckpt["hyper_parameters"]
     summary = {

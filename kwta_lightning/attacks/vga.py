@@ -26,6 +26,9 @@ class VGA(Attack):
         super().__init__(norm, kind, name)
         self.steps, self.step_size = steps, step_size
 
+    def passes(self) -> None:
+        return None  # steps for each wrong class: the count of classes comes with the model
+
     def attack(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     ) -> AttackOutput:

@@ -24,7 +24,20 @@ def _required(key: str) -> None:
     raise ConfigError(f"{key} is required by this recipe: give it on the command line ({key}=...)")
 
 
+KWTA_IMPLS = {"kernel": "", "torch": "_torch", "topk": "_topk"}  # -> names in core.activations
+
+
+def _kwta_activation(per_channel: Any, impl: Any) -> str:
+    """``act.name`` of ``conf/act/kwta.yaml``: the registered k-WTA layer of its two fields."""
+    if not isinstance(per_channel, bool):
+        raise ConfigError(f"act.per_channel={per_channel}: must be true or false")
+    if impl not in KWTA_IMPLS:
+        raise ConfigError(f"act.impl={impl}: must be one of {', '.join(KWTA_IMPLS)}")
+    return "kwta" + ("_channel" if per_channel else "") + KWTA_IMPLS[impl]
+
+
 OmegaConf.register_new_resolver("required", _required, replace=True)
+OmegaConf.register_new_resolver("kwta_activation", _kwta_activation, replace=True)
 
 
 def _number(v: Any) -> bool:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import wandb
 from hydra.core.hydra_config import HydraConfig
@@ -20,35 +21,52 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from kwta_lightning.jobs import in_sweep, sweep_job
+from kwta_lightning.run.jobs import in_sweep, sweep_job
 
 MAX_TAG_LENGTH = 64  # W&B refuses longer tags
 
 
-def _has_wandb_key() -> bool:
+def _wandb_server() -> str:
+    """The W&B server wandb talks to: $WANDB_BASE_URL, else wandb's default."""
+    return os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+
+
+def _has_wandb_key(server: str) -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
+    machines = {urlsplit(server).netloc}
+    if server == wandb.Settings().base_url:
+        machines.add("api.wandb.ai")  # wandb's default server's key, as older wandb logins saved it
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
+        credentials = netrc.netrc()
     except (OSError, netrc.NetrcParseError):
         return False
+    return any(credentials.authenticators(machine) is not None for machine in machines)
 
 
-def _can_reach_wandb(timeout_s: float = 2.0) -> bool:
+def _can_reach(server: str, timeout_s: float = 2.0) -> bool:
+    url = urlsplit(server)
+    port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        socket.create_connection(("api.wandb.ai", 443), timeout=timeout_s).close()
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
         return True
     except OSError:
         return False
 
 
 def wandb_mode(mode: str = "auto") -> str:
-    """``auto``: $WANDB_MODE if set, else online with an API key and network, else offline."""
+    """``auto``: $WANDB_MODE if set, else online with an API key and network, else offline.
+
+    wandb has no such fallback: online without a key it asks for one (fails without a terminal),
+    online without network it waits out its init timeout and fails. So ``auto`` looks first, at
+    the server wandb would use ($WANDB_BASE_URL, else wandb's default).
+    """
     if mode != "auto":
         return mode
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    return "online" if _has_wandb_key() and _can_reach_wandb() else "offline"
+    server = _wandb_server()
+    return "online" if _has_wandb_key(server) and _can_reach(server) else "offline"
 
 
 def sweep_group_and_tags() -> tuple[str | None, list[str]]:
@@ -66,11 +84,20 @@ def sweep_group_and_tags() -> tuple[str | None, list[str]]:
     return Path(sweep_dir).name, [o for o in overrides if len(o) <= MAX_TAG_LENGTH]
 
 
+RUN_ID_FILE = Path("wandb") / "run_id"  # in the logger's save_dir, the run folder
+
+
+def saved_run_id(run_dir: str | Path) -> str | None:
+    """The W&B run id saved in a run folder by its WandbLogger; None when it had none."""
+    path = Path(run_dir) / RUN_ID_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
 def _run_id(save_dir: str) -> str:
     """The W&B run id of the run folder: made on its first run, read back on every resume."""
-    path = Path(save_dir) / "wandb" / "run_id"
-    if path.is_file():
-        return path.read_text().strip()
+    if (run_id := saved_run_id(save_dir)) is not None:
+        return run_id
+    path = Path(save_dir) / RUN_ID_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex[:12]
     path.write_text(run_id + "\n")

@@ -11,14 +11,16 @@ import logging
 import os
 import pickle
 import zipfile
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.data import AttributeDict
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from kwta_lightning.errors import KWTAError
+from kwta_lightning.errors import ConfigError, KWTAError
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +132,25 @@ def newest_good_checkpoint(output_dir: Path) -> tuple[Path, dict[str, Any]] | No
             f"newest: {refused[0]}); pass resume=false to train anew"
         )
     return None
+
+
+def periodic_checkpoint(
+    dirpath: str, minutes: float | None = 10, steps: int | None = None
+) -> ModelCheckpoint | None:
+    """last.ckpt every ``steps`` training steps, else every ``minutes`` (None when both are null).
+
+    Besides the one at each epoch end, so a killed run loses at most that much work.
+    """
+    for name, value in (("minutes", minutes), ("steps", steps)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"periodic_checkpoint.{name} must be > 0 or null, got {value}")
+    if steps is None and minutes is None:
+        return None
+    every = (
+        {"every_n_train_steps": steps}
+        if steps is not None
+        else {"train_time_interval": timedelta(minutes=minutes)}
+    )
+    return ModelCheckpoint(
+        dirpath=dirpath, filename="last", enable_version_counter=False, save_top_k=1, **every
+    )

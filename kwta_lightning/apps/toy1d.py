@@ -1,7 +1,7 @@
 """The k-WTA paper's 1-D picture: a k-WTA network fitted to a few points is discontinuous.
 
-    uv run python -m kwta_lightning.toy1d act=kwta gamma=0.2
-    uv run python -m kwta_lightning.toy1d act=relu
+    uv run kwta-toy1d act=kwta gamma=0.2
+    uv run kwta-toy1d act=relu
 
 A small MLP (1 -> width -> width -> 1) is fitted to a few samples of a smooth function. A ReLU
 network is continuous; a k-WTA network jumps wherever the set of winners changes, because the unit
@@ -13,23 +13,17 @@ interval does is a discontinuity, not a steep slope.
 import json
 import logging
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import hydra
-import matplotlib
 import torch
+from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from torch import nn
 
-from kwta_lightning.activations import make_activation
-from kwta_lightning.console import exit_on_user_error, print_summary
-from kwta_lightning.loggers import log_images_to_wandb
-from kwta_lightning.overrides import exit_on_bad_override
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from kwta_lightning.core.activations import make_activation
+from kwta_lightning.run.console import print_summary
+from kwta_lightning.run.loggers import log_images_to_wandb
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +90,8 @@ def plot(
     title: str,
     path: Path,
 ) -> None:
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     ax.plot(grid, target(grid), color="tab:green", lw=1, label="target")
     ax.plot(grid, fitted, color="tab:blue", lw=1, label="fitted network")
     ax.scatter(x[:, 0], y[:, 0], color="tab:red", s=18, zorder=3, label="training points")
@@ -106,7 +101,6 @@ def plot(
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -136,14 +130,3 @@ def run(cfg: DictConfig) -> dict:
     log_images_to_wandb(cfg.wandb.mode, cfg.wandb.project, "toy1d", str(out), images, summary)
     print_summary(f"1-D fit, {label}", result | {"output_dir": str(out)})
     return result
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="toy1d")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
-
-if __name__ == "__main__":
-    exit_on_bad_override(Path(__file__).resolve().parent.parent / "conf", "toy1d", sys.argv[1:])
-    main()

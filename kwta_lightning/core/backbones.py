@@ -20,9 +20,11 @@ Adaptations, in order:
 
 import difflib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,7 @@ import torchvision
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from kwta_lightning.activations import make_activation
+from kwta_lightning.core.activations import make_activation
 from kwta_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -65,22 +67,32 @@ class SmallCNN(nn.Sequential):
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(2 * width),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(4),
-            nn.Flatten(),
-            nn.Linear(2 * width * 16, 4 * width, bias=False),
-            nn.BatchNorm1d(4 * width),
-            nn.ReLU(inplace=True),
-            nn.Linear(4 * width, num_classes),
+        layers = OrderedDict(
+            conv1=nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            bn1=nn.BatchNorm2d(width),
+            act1=nn.ReLU(inplace=True),  # act*: the sites k-WTA is swapped into
+            pool1=nn.MaxPool2d(2),
+            conv2=nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+            bn2=nn.BatchNorm2d(2 * width),
+            act2=nn.ReLU(inplace=True),
+            pool2=nn.MaxPool2d(2),
+            pool=nn.AdaptiveAvgPool2d(4),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(2 * width * 16, 4 * width, bias=False),
+            bn3=nn.BatchNorm1d(4 * width),
+            act3=nn.ReLU(inplace=True),
+            fc2=nn.Linear(4 * width, num_classes),
         )
+        super().__init__(layers)
+        self.register_load_state_dict_pre_hook(_numbered_to_named)
+
+
+def _numbered_to_named(module: nn.Sequential, state_dict: dict, prefix: str, *_: Any) -> None:
+    """Checkpoints written before SmallCNN's layers had names keyed them by position."""
+    for index, (name, _) in enumerate(module.named_children()):
+        numbered = f"{prefix}{index}."
+        for key in [k for k in state_dict if k.startswith(numbered)]:
+            state_dict[f"{prefix}{name}.{key[len(numbered) :]}"] = state_dict.pop(key)
 
 
 CUSTOM_BACKBONES: dict[str, Callable[..., nn.Module]] = {"cnn": SmallCNN}
@@ -100,11 +112,6 @@ def _check_name(name: str) -> None:
             f"unknown model {name!r}{hint}: use 'cnn' or a name from "
             "torchvision.models.list_models(module=torchvision.models)"
         )
-
-
-def _replace_module(model: nn.Module, qualified_name: str, new: nn.Module) -> None:
-    parent_name, _, attr = qualified_name.rpartition(".")
-    setattr(model.get_submodule(parent_name), attr, new)
 
 
 def _first(model: nn.Module, kind: type[nn.Module]) -> tuple[str, nn.Module]:
@@ -144,7 +151,7 @@ def _replace_head(model: nn.Module, old_classes: int, num_classes: int) -> None:
             new = nn.Linear(layer.in_features, num_classes, bias=layer.bias is not None)
         else:
             new = nn.Conv2d(layer.in_channels, num_classes, layer.kernel_size, layer.stride)
-        _replace_module(model, name, new)
+        model.set_submodule(name, new)
 
 
 def _adapt_stem(model: nn.Module, in_channels: int, small_input: bool) -> None:
@@ -170,7 +177,7 @@ def _adapt_stem(model: nn.Module, in_channels: int, small_input: bool) -> None:
                 new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
                 if conv.bias is not None:
                     new.bias.copy_(conv.bias)
-        _replace_module(model, conv_name, new)
+        model.set_submodule(conv_name, new)
         conv = new
     if small_input:
         conv.stride = (1, 1)
@@ -186,7 +193,7 @@ def _remove_stem_pool(model: nn.Module) -> None:
             if convs_seen == 2:
                 return
         elif isinstance(module, nn.MaxPool2d):
-            _replace_module(model, name, nn.Identity())
+            model.set_submodule(name, nn.Identity())
             return
 
 
@@ -289,7 +296,7 @@ def swap_relus(
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, RELU_MODULES):
             new = replacements.setdefault(id(module), new_activation(module.inplace))
-            _replace_module(model, name, new)
+            model.set_submodule(name, new)
     kinds = tuple({type(m) for m in replacements.values()}) or (type(new_activation(False)),)
     model_name = model_name or type(model).__name__
     try:

@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
-from rich.console import Console
 from rich.table import Table
 
 from kwta_lightning.attacks.base import AttackResult
 from kwta_lightning.attacks.evaluate import Evaluation
 from kwta_lightning.attacks.store import outcomes
-from kwta_lightning.loggers import quiet_wandb, wandb_mode
+from kwta_lightning.run.console import markdown_table, rich_console
+from kwta_lightning.run.loggers import quiet_wandb, saved_run_id, wandb_mode
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,7 @@ def training_run(ckpt_path: str | Path) -> dict[str, Any]:
         info[f"wandb_{key}"] = OmegaConf.select(
             cfg, f"logger.wandb.{key}", default=None, throw_on_resolution_failure=False
         )
-    runs = sorted((run_dir / "wandb").glob("*run-*-*"))
-    if runs:
-        info["wandb_id"] = runs[-1].name.rsplit("-", 1)[1]
+    info["wandb_id"] = saved_run_id(run_dir)
     return info
 
 
@@ -121,11 +119,11 @@ def markdown(summary: Mapping[str, Any]) -> str:
         "",
         "## Attacks",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + " --- |" * len(COLUMNS),
+        *markdown_table(COLUMNS, (_row_cells(r) for r in summary["results"])),
+        "",
+        "## Diagnostics",
+        "",
     ]
-    lines += ["| " + " | ".join(_row_cells(r)) + " |" for r in summary["results"]]
-    lines += ["", "## Diagnostics", ""]
     lines += [f"- **{d['status']}** {d['name']}: {d['detail']}" for d in summary["diagnostics"]]
     lines += ["", "## Attack hyper-parameters", ""]
     params = {r["attack"]: r["params"] for r in summary["results"]}
@@ -232,9 +230,7 @@ def print_console(summary: Mapping[str, Any], out: Path) -> None:
             str(v["n_robust"]),
             style="bold",
         )
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: the whole table, not 80 squeezed columns
-        console = Console(width=160)
+    console = rich_console()
     console.print("[bold]verdict[/bold]", highlight=False)
     for line in verdict_lines(summary):
         console.print(line, highlight=False, markup=False)

@@ -15,8 +15,8 @@ from hydra.utils import instantiate
 from torchmetrics import MaxMetric, MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from kwta_lightning.activations import check_gamma, kwta_layers, make_activation, set_gamma
-from kwta_lightning.backbones import build_network, swap_relus
+from kwta_lightning.core.activations import check_gamma, kwta_layers, make_activation, set_gamma
+from kwta_lightning.core.backbones import build_network, swap_relus
 from kwta_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -148,8 +148,8 @@ class KWTAClassifier(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         # Logged once an epoch, not every step: each log of a metric object moves all its state
         # to the device again, the largest per-step cost Lightning added to a training step.
-        # lr and gamma of the epoch: logged at its end, which a run resumed mid-epoch reaches too
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        # gamma of the epoch: logged at its end, which a run resumed mid-epoch reaches too (the
+        # learning rate is LearningRateMonitor's, in conf/callbacks/default.yaml)
         layers = kwta_layers(self.net)
         if layers:
             self.log("gamma", next(iter(layers.values())).gamma)
@@ -274,7 +274,7 @@ class KWTAClassifier(L.LightningModule):
             layer.register_forward_hook(
                 lambda _m, _i, out, name=name: outputs[name].append((out != 0).float().mean())
             )
-            for name, layer in kwta_layers(self.net).items()
+            for name, layer in kwta_layers(self.net[-1]).items()  # net[0] is the normalisation
         ]
         try:
             logits = self(x)

@@ -17,11 +17,11 @@ torch's topk (``act=kwta_torch``, for benchmarks):
 * the kernel, on CPU for float32/bfloat16/float16 in contiguous or channels_last memory: a C++
   radix select (``csrc/kwta_cpu.cpp``) that finds each row's threshold from histograms of the
   float bits and masks the row while it is still in cache, on PyTorch's thread pool. It is
-  compiled with torch's extension builder on first use (about 30 s, once per environment: the
-  build folder is named after the environment, torch and the flags, see ``build_directory``).
-  With the masking included it is 1.5-8x faster than topk alone from 16,384 units per row up,
-  and ties it at 1,024 (``benchmarks/kwta_selection.py``). When it cannot be
-  built (no C++ compiler), a warning says so and torch's runs instead.
+  compiled with torch's extension builder on first use (once per environment: the build folder
+  is named after the environment, torch and the flags, see ``build_directory``). With the
+  masking included it beats topk alone on wide rows and ties it on narrow ones
+  (``benchmarks/kwta_selection.py`` measures it). When it cannot be built (no C++ compiler), a
+  warning says so and torch's runs instead.
 * torch's, everywhere else (CUDA, float64, other layouts): ``torch.topk(sorted=False)`` for the
   threshold, then one compare and a ``where``. On CPU it beat ``kthvalue``, a sample-then-count
   bracket and a ``bincount`` histogram in eager PyTorch; on CUDA topk is itself a radix select.

@@ -1,6 +1,6 @@
 """Loss landscapes and activation-pattern changes around test inputs, for one or more checkpoints.
 
-    uv run python -m kwta_lightning.landscape 'ckpts=[A.ckpt,B.ckpt]' n_inputs=4
+    uv run kwta-landscape 'ckpts=[A.ckpt,B.ckpt]' n_inputs=4
 
 For each test input x the loss is evaluated at x + a*g + b*r on a grid of (a, b) in [-eps, eps]^2,
 where g = sign(grad_x loss) (the direction a gradient attack takes) and r is a random sign
@@ -12,44 +12,33 @@ zeroed: every switch is a jump a gradient cannot see coming.
 
 import json
 import logging
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import hydra
-import matplotlib
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from torch import nn
 
-from kwta_lightning.activations import kwta_layers
+from kwta_lightning.attacks.base import margin_loss
 from kwta_lightning.attacks.checkpoint import (
     build_data,
     build_model,
     choose_samples,
     load_checkpoint,
 )
-from kwta_lightning.console import exit_on_user_error, print_summary
+from kwta_lightning.core.activations import kwta_layers
 from kwta_lightning.errors import ConfigError
-from kwta_lightning.loggers import log_images_to_wandb
-from kwta_lightning.overrides import exit_on_bad_override
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from kwta_lightning.run.console import print_summary
+from kwta_lightning.run.loggers import log_images_to_wandb
 
 log = logging.getLogger(__name__)
 
 LOSSES = {
     "ce": lambda logits, y: F.cross_entropy(logits, y, reduction="none"),
-    # logit margin: true class minus the best other class, negated so that higher = worse
-    "margin": lambda logits, y: (
-        -(
-            logits.gather(1, y[:, None])[:, 0]
-            - logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
-        )
-    ),
+    "margin": margin_loss,  # best other logit minus the true one: higher = worse
 }
 
 
@@ -146,9 +135,8 @@ def describe(hparams: dict[str, Any]) -> str:
 def plot_surfaces(grids: list[list[torch.Tensor]], titles: list[str], eps: float, path: Path):
     """One row per input, one column per model: the loss surface as a heat map."""
     n_inputs, n_models = len(grids[0]), len(grids)
-    fig, axes = plt.subplots(
-        n_inputs, n_models, figsize=(3.2 * n_models, 2.8 * n_inputs), squeeze=False
-    )
+    fig = Figure(figsize=(3.2 * n_models, 2.8 * n_inputs))
+    axes = fig.subplots(n_inputs, n_models, squeeze=False)
     for col, (model_grids, title) in enumerate(zip(grids, titles, strict=True)):
         for row, grid in enumerate(model_grids):
             ax = axes[row][col]
@@ -162,12 +150,12 @@ def plot_surfaces(grids: list[list[torch.Tensor]], titles: list[str], eps: float
             ax.tick_params(labelsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_changes(changes: list[dict[str, list[int]]], titles: list[str], eps: float, path: Path):
     """Units that changed state along the gradient-sign path, one panel per model."""
-    fig, axes = plt.subplots(1, len(changes), figsize=(4 * len(changes), 3), squeeze=False)
+    fig = Figure(figsize=(4 * len(changes), 3))
+    axes = fig.subplots(1, len(changes), squeeze=False)
     for ax, model_changes, title in zip(axes[0], changes, titles, strict=True):
         for name, counts in model_changes.items():
             ts = torch.linspace(0, eps, len(counts))
@@ -178,7 +166,6 @@ def plot_changes(changes: list[dict[str, list[int]]], titles: list[str], eps: fl
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -233,14 +220,3 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log_images_to_wandb(cfg.wandb.mode, cfg.wandb.project, "landscape", str(out), images, summary)
     print_summary("loss-surface roughness (mean over inputs)", summary | {"output_dir": str(out)})
     return report
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="landscape")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
-
-if __name__ == "__main__":
-    exit_on_bad_override(Path(__file__).resolve().parent.parent / "conf", "landscape", sys.argv[1:])
-    main()

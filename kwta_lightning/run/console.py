@@ -6,22 +6,22 @@ import logging
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import rich
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.tree import Tree
 
 from kwta_lightning.errors import KWTAError
-from kwta_lightning.jobs import ERROR_FILE, in_sweep, record_failure
-from kwta_lightning.validation import check_values
+from kwta_lightning.run.jobs import ERROR_FILE, in_sweep, record_failure
+from kwta_lightning.run.validation import check_values
 
 FIRST_SECTIONS = ("data", "model", "act", "gamma", "optimizer", "scheduler", "trainer")
 
@@ -53,6 +53,13 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
+def rich_console() -> Console:
+    """A rich console that cuts nothing in a log file or a pipe, where rich would assume 80
+    columns and squeeze tables and paths to fit."""
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
 def print_config_tree(cfg: DictConfig) -> None:
     """The composed config as a rich tree, one branch per top-level key."""
     tree = Tree("config", guide_style="dim")
@@ -65,7 +72,7 @@ def print_config_tree(cfg: DictConfig) -> None:
         tree.add(f"[bold]{key}[/bold]").add(
             Syntax(text.rstrip(), "yaml", background_color="default")
         )
-    rich.print(tree)
+    rich_console().print(tree)
 
 
 def duration(seconds: float) -> str:
@@ -75,16 +82,24 @@ def duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """A markdown table's lines: the header, the separator, one line per row of cells."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
+
+
 def print_summary(title: str, metrics: Mapping[str, Any]) -> None:
     """The final metrics as a table, then where the outputs are (paths stay whole)."""
     table = Table(title=title, show_header=False)
+    table.add_column(overflow="fold")  # a long value wraps, never ends in "..."
+    table.add_column(overflow="fold")
     paths = {}
     for key, value in metrics.items():
         if isinstance(value, str) and "/" in value:
             paths[key] = value
         else:
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    rich.print(table)
+    rich_console().print(table)
     for key, path in paths.items():
         print(f"{key}: {path}")
 

@@ -12,7 +12,7 @@ The kept units pass their value and their gradient; the zeroed ones pass neither
 keep the input's memory format (channels_last).
 
 ``kwta`` and ``kwta_channel`` run the fastest exact implementation for the input's device
-(``kwta_lightning.kwta_select``: a C++ radix select on CPU, torch.topk elsewhere);
+(``kwta_lightning.core.kwta_select``: a C++ radix select on CPU, torch.topk elsewhere);
 ``kwta_torch`` and ``kwta_channel_torch`` force torch.topk's selection; ``kwta_topk`` and
 ``kwta_channel_topk`` run the reference (topk threshold, broadcast compare, multiply, plain
 autograd). All give the same values and gradients. ``inplace=True`` overwrites the input like
@@ -26,8 +26,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from kwta_lightning.core.kwta_select import kwta_per_channel, kwta_rows, memory_order_rows
 from kwta_lightning.errors import ConfigError
-from kwta_lightning.kwta_select import kwta_per_channel, kwta_rows, memory_order_rows
 
 
 def check_gamma(gamma: float) -> float:

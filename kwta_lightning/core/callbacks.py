@@ -6,8 +6,6 @@
 * :class:`ReluToKWTA`: train with ReLU for ``relu_epochs``, then swap every ReLU for k-WTA and go on
   (the reproduction's workflow), optionally re-estimating BatchNorm statistics after the swap.
 * :class:`TestEveryEpoch`: test accuracy before training and after each epoch, to a JSON file.
-* :class:`LogProgress`: a log line every N steps and per epoch, which a log file shows as it
-  happens (a progress bar written to a file shows only at the end).
 
 When a callback changes the network (activation or gamma), the checkpoint callbacks forget their
 best score: ``best.ckpt`` is then the best epoch of the network the run ends with, not an earlier
@@ -17,119 +15,23 @@ network's. Schedules are functions of the epoch, so a resumed run continues wher
 import json
 import logging
 import math
-import time
-from dataclasses import dataclass
-from datetime import timedelta
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
-from kwta_lightning.activations import check_gamma, kwta_layers
-from kwta_lightning.backbones import RELU_MODULES
-from kwta_lightning.console import duration
+from kwta_lightning.core.activations import check_gamma, kwta_layers
+from kwta_lightning.core.backbones import RELU_MODULES
+from kwta_lightning.core.gamma_schedules import GammaSchedule
 from kwta_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-# --- schedules: epoch (0-based, the one about to start) -> gamma ---------------------------------
-
-
-class Schedule(Protocol):
-    def __call__(self, epoch: int) -> float: ...
-
-
-def _check_epochs(epochs: int, name: str = "epochs") -> None:
-    if epochs < 1:
-        raise ConfigError(f"sparsity schedule: {name} must be >= 1, got {epochs}")
-
-
-@dataclass(frozen=True)
-class Linear:
-    """gamma_start at epoch 0, linearly to gamma_end at epoch ``epochs``, then constant."""
-
-    gamma_start: float
-    gamma_end: float
-    epochs: int
-
-    def __post_init__(self) -> None:
-        check_gamma(self.gamma_start), check_gamma(self.gamma_end), _check_epochs(self.epochs)
-
-    def __call__(self, epoch: int) -> float:
-        t = min(epoch / self.epochs, 1.0)
-        return self.gamma_start + t * (self.gamma_end - self.gamma_start)
-
-
-@dataclass(frozen=True)
-class Step:
-    """gamma_start to gamma_end in ``steps`` equal steps, evenly spaced over ``epochs`` epochs.
-
-    Step(0.2, 0.1, epochs=4, steps=2): 0.2, 0.2, 0.15, 0.15, 0.1, 0.1, ...
-    """
-
-    gamma_start: float
-    gamma_end: float
-    epochs: int
-    steps: int = 1
-
-    def __post_init__(self) -> None:
-        check_gamma(self.gamma_start), check_gamma(self.gamma_end)
-        _check_epochs(self.epochs), _check_epochs(self.steps, "steps")
-
-    def __call__(self, epoch: int) -> float:
-        done = min(math.floor(epoch * self.steps / self.epochs), self.steps)
-        return self.gamma_start + done / self.steps * (self.gamma_end - self.gamma_start)
-
-
-@dataclass(frozen=True)
-class Milestones:
-    """``[[epoch, gamma], ...]``: each gamma holds from its epoch on; the first epoch is 0."""
-
-    milestones: list[list[float]]
-
-    def __post_init__(self) -> None:
-        pairs = [tuple(m) for m in self.milestones]
-        epochs = [e for e, _ in pairs]
-        if (
-            not pairs
-            or any(len(p) != 2 for p in pairs)
-            or epochs[0] != 0
-            or epochs != sorted(epochs)
-        ):
-            raise ConfigError(
-                f"sparsity milestones must be [[epoch, gamma], ...] with increasing epochs "
-                f"starting at 0, got {self.milestones}"
-            )
-        for _, gamma in pairs:
-            check_gamma(gamma)
-
-    def __call__(self, epoch: int) -> float:
-        return [g for e, g in self.milestones if e <= epoch][-1]
-
-
-@dataclass(frozen=True)
-class Paper:
-    """The paper's rule: gamma_start, minus ``delta`` every ``every_n_epochs``, floored."""
-
-    gamma_start: float
-    delta: float
-    every_n_epochs: int
-    floor: float
-
-    def __post_init__(self) -> None:
-        check_gamma(self.gamma_start), check_gamma(self.floor)
-        _check_epochs(self.every_n_epochs, "every_n_epochs")
-        if self.delta <= 0:
-            raise ConfigError(f"sparsity schedule: delta must be > 0, got {self.delta}")
-
-    def __call__(self, epoch: int) -> float:
-        return max(self.floor, self.gamma_start - self.delta * (epoch // self.every_n_epochs))
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -144,11 +46,15 @@ def forget_best(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
     for checkpoint in trainer.checkpoint_callbacks:
         if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.monitor is None:
             continue
+        # ModelCheckpoint has no public reset of its scores; its callback state (the public
+        # state_dict/load_state_dict a resume goes through) is changed instead.
+        state = checkpoint.state_dict()
         worst = torch.tensor(-math.inf if checkpoint.mode == "max" else math.inf)
-        checkpoint.best_k_models = dict.fromkeys(checkpoint.best_k_models, worst)
-        checkpoint.kth_value = worst
-        if checkpoint.best_k_models:
-            checkpoint.best_model_score = worst
+        state["best_k_models"] = dict.fromkeys(state["best_k_models"], worst)
+        state["kth_value"] = worst
+        if state["best_k_models"]:
+            state["best_model_score"] = worst
+        checkpoint.load_state_dict(state)
     if hasattr(pl_module, "val_acc_best"):
         pl_module.val_acc_best.reset()
 
@@ -169,51 +75,24 @@ def accuracy(pl_module: L.LightningModule, loader: DataLoader) -> float:
     return correct / total
 
 
-@torch.no_grad()
 def reestimate_batchnorm(pl_module: L.LightningModule, loader: DataLoader, batches: int) -> int:
-    """Recompute every BatchNorm's running statistics as the plain average over a few batches."""
-    norms = [m for m in pl_module.modules() if isinstance(m, _BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    was_training = pl_module.training
-    pl_module.train()
+    """Recompute every BatchNorm's running statistics as the plain average over a few batches.
+
+    Returns how many batches the statistics were computed from.
+    """
     seen = 0
-    try:
-        for norm in norms:
-            norm.reset_running_stats()
-            norm.momentum = None  # cumulative average
-        for x, _ in islice(loader, batches):
-            pl_module(x.to(pl_module.device))
+
+    def first_batches() -> Iterator[Any]:
+        nonlocal seen
+        for batch in islice(loader, batches):
             seen += 1
-    finally:
-        for norm, momentum in zip(norms, momenta, strict=True):
-            norm.momentum = momentum
-        pl_module.train(was_training)
+            yield batch
+
+    update_bn(first_batches(), pl_module, device=pl_module.device)
     return seen
 
 
 # --- callbacks -----------------------------------------------------------------------------------
-
-
-def periodic_checkpoint(
-    dirpath: str, minutes: float | None = 10, steps: int | None = None
-) -> ModelCheckpoint | None:
-    """last.ckpt every ``steps`` training steps, else every ``minutes`` (None when both are null).
-
-    Besides the one at each epoch end, so a killed run loses at most that much work.
-    """
-    for name, value in (("minutes", minutes), ("steps", steps)):
-        if value is not None and value <= 0:
-            raise ConfigError(f"periodic_checkpoint.{name} must be > 0 or null, got {value}")
-    if steps is None and minutes is None:
-        return None
-    every = (
-        {"every_n_train_steps": steps}
-        if steps is not None
-        else {"train_time_interval": timedelta(minutes=minutes)}
-    )
-    return ModelCheckpoint(
-        dirpath=dirpath, filename="last", enable_version_counter=False, save_top_k=1, **every
-    )
 
 
 class SparsityAnnealing(Callback):
@@ -223,7 +102,7 @@ class SparsityAnnealing(Callback):
     as ``<checkpoint_dir>/gamma=0.100.ckpt`` (the last epoch trained at that gamma).
     """
 
-    def __init__(self, schedule: Schedule, checkpoint_dir: str | None = None) -> None:
+    def __init__(self, schedule: GammaSchedule, checkpoint_dir: str | None = None) -> None:
         self.schedule = schedule
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
 
@@ -272,6 +151,9 @@ def load_weights(pl_module: L.LightningModule, path: str) -> None:
         raise ConfigError(
             f"init_from {path} is not a readable Lightning checkpoint: {err}"
         ) from err
+    # Checked here, not left to load_state_dict(strict=True): that raises one multi-line
+    # RuntimeError listing every key (over a hundred for a ResNet), and raises on a shape mismatch
+    # even with strict=False, so it cannot give the one line below.
     own = pl_module.state_dict()
     what = _describe(checkpoint.get("hyper_parameters", {}))
     missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
@@ -286,7 +168,7 @@ def load_weights(pl_module: L.LightningModule, path: str) -> None:
                 f"init_from {path} ({what}) does not fit this model: {key} has shape "
                 f"{tuple(tensor.shape)} in the checkpoint, {tuple(own[key].shape)} in the model"
             )
-    pl_module.load_state_dict(saved)
+    pl_module.load_state_dict(saved, strict=True)
     log.info("initialised the weights from %s (%s)", path, what)
 
 
@@ -368,73 +250,3 @@ class TestEveryEpoch(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._measure(trainer, pl_module, trainer.current_epoch + 1)
         pl_module.log("test/acc_per_epoch", self.results[-1]["test_acc"])
-
-
-# --- progress ------------------------------------------------------------------------------------
-
-
-class LogProgress(Callback):
-    """Training progress as log lines (to the console and train.log): every ``every_n_steps``
-    training steps the loss, images/s and the epoch's time left; at each epoch's end its metrics
-    and the run's time left, at the pace of the epochs this process ran."""
-
-    def __init__(self, every_n_steps: int = 100) -> None:
-        self.every_n_steps = every_n_steps
-        self.fit_started, self.epochs_run = 0.0, 0
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.fit_started, self.epochs_run = time.perf_counter(), 0
-        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts in one
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.epoch_started, self.images, self.steps, self.loss_sum = time.perf_counter(), 0, 0, 0.0
-
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach()
-        self.images, self.steps = self.images + len(batch[0]), self.steps + 1
-        self.loss_sum = self.loss_sum + loss  # a tensor: no device sync per step
-        step, total = batch_idx + 1, trainer.num_training_batches  # step counts from a resume too
-        if step % self.every_n_steps or step == total or not trainer.is_global_zero:
-            return
-        seconds = time.perf_counter() - self.epoch_started
-        left = f", epoch done in about {duration(seconds / self.steps * (total - step))}"
-        log.info(
-            "epoch %d/%d step %d/%s: loss %.4f, %.0f images/s%s",
-            trainer.current_epoch + 1,
-            trainer.max_epochs,
-            step,
-            total if math.isfinite(total) else "?",
-            float(loss),
-            self.images / seconds,
-            left if math.isfinite(total) else "",
-        )
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        self.epochs_run += 1
-        elapsed = time.perf_counter() - self.fit_started
-        to_go = trainer.max_epochs - trainer.current_epoch - 1
-        # the epoch's train/ metrics reach callback_metrics only after this hook: the mean loss
-        # of its steps stands in; val/ ran before it
-        metrics = {"train/loss": float(self.loss_sum) / max(self.steps, 1)}
-        metrics |= {
-            k: float(v)
-            for k, v in trainer.callback_metrics.items()
-            if k.startswith("val/") and v.numel() == 1
-        }
-        log.info(
-            "epoch %d/%d done in %s: %s; %s",
-            trainer.current_epoch + 1,
-            trainer.max_epochs,
-            duration(time.perf_counter() - self.epoch_started),
-            ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-            f"about {duration(elapsed / self.epochs_run * to_go)} left" if to_go > 0 else "done",
-        )

@@ -27,23 +27,23 @@ import torch
 import wandb
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from kwta_lightning.checkpoints import (
+from kwta_lightning.errors import ConfigError, KWTAError
+from kwta_lightning.run.checkpoints import (
     RESUME_KEYS,
     SafeCheckpointIO,
     load_weights_only,
     newest_good_checkpoint,
 )
-from kwta_lightning.console import error_line, print_config_tree, print_summary, quiet_libraries
-from kwta_lightning.errors import ConfigError, KWTAError
-from kwta_lightning.jobs import (
+from kwta_lightning.run.console import error_line, print_config_tree, print_summary, quiet_libraries
+from kwta_lightning.run.jobs import (
     DDP_CHILD_ARGS,
     NO_HYDRA_OUTPUT,
     in_sweep,
@@ -51,9 +51,9 @@ from kwta_lightning.jobs import (
     run_in_child,
     sweep_job,
 )
-from kwta_lightning.loggers import AppendingCSVLogger, AppendingTensorBoardLogger
-from kwta_lightning.resume import ResumeState, check_same_run, move_previous_run
-from kwta_lightning.validation import check_values
+from kwta_lightning.run.loggers import AppendingCSVLogger, AppendingTensorBoardLogger
+from kwta_lightning.run.resume import ResumeState, check_same_run, move_previous_run
+from kwta_lightning.run.validation import check_values
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,9 @@ def _objective(cfg: DictConfig, metrics: dict[str, Any] | None) -> float | None:
 # Overrides that keep a process from writing Hydra's files (.hydra/, the log) a second time.
 def _pin_ddp_children(trainer: L.Trainer, output_dir: Path) -> None:
     """Tell the processes Lightning is about to launch which job and folder they belong to."""
+    # Lightning has no public way to ask whether its launcher re-runs this script per device:
+    # every launcher class is private (this one is in lightning.pytorch.strategies.launchers'
+    # __all__), and the public strategy settings do not tell it apart from a spawning launcher.
     if not isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):
         return
     hydra = HydraConfig.get()
@@ -325,9 +328,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _continue_logs(loggers, resume)
     stop = StopOnSignal(output_dir / "checkpoints" / "last.ckpt", _slurm_job())
     own = [ResumeState(config, output_dir / ".hydra"), stop]
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if not loggers:  # LearningRateMonitor refuses a trainer without a logger (logger=none)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        callbacks=_instantiate_all(cfg.get("callbacks")) + own,
+        callbacks=callbacks + own,
         logger=loggers or False,
         plugins=_plugins(),
         **_progress_bar(cfg),

@@ -1,7 +1,7 @@
 """One table and one plot for a sweep: accuracy (and robustness) against gamma, per architecture.
 
-uv run python -m kwta_lightning.summarize outputs/train/multiruns/<sweep>
-uv run python -m kwta_lightning.summarize <sweep or run dirs...> outputs/attack/runs --out DIR
+uv run kwta-summarize outputs/train/multiruns/<sweep>
+uv run kwta-summarize <sweep or run dirs...> outputs/attack/runs --out DIR
 
 Reads every run folder found (one holding .hydra/config.yaml: the config, metrics.json, or the
 error.txt of a failed sweep job) and every attack report.json found, matched to its run by the
@@ -17,15 +17,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import rich
 from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
-from kwta_lightning.console import exit_on_user_error
 from kwta_lightning.errors import KWTAError
-from kwta_lightning.jobs import ERROR_FILE
+from kwta_lightning.run.console import markdown_table, rich_console
+from kwta_lightning.run.jobs import ERROR_FILE
 
 Row = dict[str, Any]
 
@@ -169,20 +168,20 @@ def _write_csv(rows: list[Row], columns: list[str], path: Path) -> None:
 
 
 def _write_markdown(rows: list[Row], columns: list[str], path: Path) -> None:
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    table = []
     for row in rows:
         cells = [_cell(row.get(c)) for c in columns]
         if row["status"] == "failed":
             cells[-1] = f"failed: {row['error']}"
-        lines.append("| " + " | ".join(cells) + " |")
-    path.write_text("\n".join(lines) + "\n")
+        table.append(cells)
+    path.write_text("\n".join(markdown_table(columns, table)) + "\n")
 
 
 def _print_table(rows: list[Row], columns: list[str]) -> None:
     table = Table(*columns)
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in columns))
-    rich.print(table)
+    rich_console().print(table)
 
 
 def _accuracy(row: Row, metric: str) -> float | None:
@@ -276,9 +275,7 @@ class SweepSummary(Callback):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m kwta_lightning.summarize", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="kwta-summarize", description=__doc__.split("\n")[0])
     parser.add_argument(
         "paths", nargs="+", type=Path, help="sweep folders, run folders, attack report.json files"
     )
@@ -288,7 +285,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = args.out or next((p for p in args.paths if p.is_dir()), Path("."))
     summarize(args.paths, out)
-
-
-if __name__ == "__main__":
-    exit_on_user_error(main)()

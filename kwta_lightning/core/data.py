@@ -248,6 +248,9 @@ class ImageDataModule(L.LightningDataModule):
     equal the normal pipeline's; training batches are drawn from the same distribution (the
     resize after a crop is torchvision's tensor resize instead of PIL's).
     ``train_set``/``val_set``/``test_set`` stay the normal per-image data sets either way.
+
+    ``threat`` is the data set's threat model (``eps``, ``l2_eps``, ``adv_train``), unused here:
+    it is a hyper-parameter so that it is saved with the checkpoint, where attack.py reads it.
     """
 
     def __init__(
@@ -270,6 +273,7 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 2,
         seed: int = 0,
         on_device: bool = False,
+        threat: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if name not in DATASETS and name != "fake":

@@ -42,6 +42,7 @@ RESUME_SAFE = (
     "data.num_workers",
     "callbacks.periodic_checkpoint",
     "callbacks.log_progress",
+    "callbacks.learning_rate",
     "print_config",
     "ckpt_path",
     "resume",

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 ERROR_FILE = "error.txt"  # a failed run's error line (and traceback), in its folder
 SWEEP_JOB = "KWTA_SWEEP_JOB"  # set in a job's child: its sweep folder, number and overrides (JSON)
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 DDP_CHILD_ARGS = "KWTA_DDP_CHILD_ARGS"  # the job a DDP child process must run (JSON list)
 NO_HYDRA_OUTPUT = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]

@@ -1,0 +1,2 @@
+"""Analysis apps on top of core and attacks: loss landscapes, the 1-D toy, sweep summaries and
+attack reports."""
