@@ -145,7 +145,7 @@ def test_init_from_mismatch_fails_with_one_line(tmp_path, relu_checkpoint):
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: init_from {relu_checkpoint} (backbone=cnn, num_classes=10")
-    assert "does not fit this model: net.1.13.weight has shape (10, 128)" in last
+    assert "does not fit this model: net.1.fc2.weight has shape (10, 128)" in last
     assert "Traceback" not in result.stderr
 
 

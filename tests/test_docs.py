@@ -11,7 +11,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from kwta_lightning.run.overrides import bad_override
 from kwta_lightning.run.validation import check_values
-from tests.helpers import ROOT, compose_config
+from tests.helpers import ROOT, compose_config, needs_mnist, run_cli
 
 CONF = ROOT / "conf"
 DOCS = [
@@ -177,3 +177,62 @@ def named_things(text: str) -> list[str]:
 def test_the_files_modules_and_options_the_docs_name_exist(doc):
     problems = named_things(doc.read_text())
     assert not problems, f"{doc.relative_to(ROOT)}: " + "; ".join(dict.fromkeys(problems))
+
+
+# The README's first result in miniature: its commands as written, with these budgets added.
+MINIATURE = {
+    "train.py": ["data.train_subset=256", "data.val_subset=64", "data.test_subset=64"],
+    "attack.py": [
+        "n_samples=8",
+        "batch_size=8",
+        "attack.pgd.steps=2",
+        "attack.pgd.restarts=1",
+        "attack.bpda.attack.steps=2",
+        "attack.bpda.temperatures=[0.1]",
+        "diagnostics.unbounded_steps=2",
+        "diagnostics.convergence_doublings=0",
+        "cache_dir=null",
+        "wandb.mode=disabled",
+    ],
+}
+
+
+def first_result_commands() -> list[list[str]]:
+    """The ``uv run`` commands of the README's first-result section, ``$NAME`` expanded from its
+    ``NAME=value`` lines, each as the words after ``uv run``."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Train, attack, summarise")[1].split("\n## ")[0]
+    names = dict(re.findall(r"\b([A-Z]+)=(\S+)", section))
+    commands = []
+    for line in section.splitlines():
+        if line.startswith("uv run "):
+            expanded = re.sub(r"\$([A-Z]+)", lambda m: names[m.group(1)], line)
+            commands.append(shlex.split(expanded)[2:])
+    return commands
+
+
+def run_in(folder: Path, words: list[str]) -> None:
+    script = words[1] if words[0] == "python" else words[0]
+    args = words[2:] if words[0] == "python" else words[1:]
+    result = run_cli(*args, *MINIATURE.get(script, []), script=script, cwd=folder)
+    assert result.returncode == 0, f"{' '.join(words)}: {result.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_the_readme_first_result_runs_in_miniature(tmp_path):
+    commands = first_result_commands()
+    trains = [c for c in commands if c[:2] == ["python", "train.py"]]
+    (quick,) = [c for c in commands if "attack=[pgd,bpda]" in c]
+    (summarize,) = [c for c in commands if c[0] == "kwta-summarize"]
+    assert len(trains) == 2
+    for words in trains:
+        run_in(tmp_path, words)
+    kwta_ckpt = next(w for w in quick if w.startswith("ckpt_path=")).partition("=")[2]
+    for model in ("kwta", "relu"):  # the quick look for each model, where step 3 reads them
+        ckpt = kwta_ckpt.replace("/kwta/", f"/{model}/")
+        words = [f"ckpt_path={ckpt}" if w.startswith("ckpt_path=") else w for w in quick]
+        run_in(tmp_path, [*words, f"hydra.run.dir=outputs/mnist/{model}_preset"])
+    run_in(tmp_path, summarize)
+    rows = (tmp_path / "outputs" / "mnist" / "summary.md").read_text().splitlines()[2:]
+    assert len(rows) == 2 and all("kwta" in r or "relu" in r for r in rows), rows

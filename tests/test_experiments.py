@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
 from kwta_lightning.core.activations import kwta_layers
@@ -22,9 +24,31 @@ def test_every_experiment_is_tested():
         "mnist_quick",
         "paper_adv_train",
         "paper_cifar_resnet18",
+        "paper_free_adv_train",
         "paper_incremental",
+        "paper_sweep_cifar10",
+        "paper_sweep_svhn",
+        "paper_sweep_wrn22",
+        "paper_trades",
         "repro_warmstart",
     ]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "models", "gammas"),
+    [
+        ("paper_sweep_cifar10", "cifar10", "resnet18,densenet121", "0.3,0.2,0.1,0.07,0.03,0.01"),
+        ("paper_sweep_svhn", "svhn", None, "0.2,0.1,0.07,0.03"),
+        ("paper_sweep_wrn22", "cifar10", None, "0.2,0.1,0.05"),
+    ],
+)
+def test_the_paper_sweeps_sweep_its_gammas_with_its_recipe(name, data, models, gammas):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={name}"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params.get("model") == models
+    assert cfg.hydra.sweeper.params.gamma == gammas and cfg.data.name == data
+    assert (cfg.optimizer.lr, cfg.trainer.max_epochs, cfg.data.batch_size) == (0.1, 80, 256)
 
 
 def test_paper_recipe_values(tmp_path):
@@ -41,6 +65,27 @@ def test_paper_recipe_values(tmp_path):
     adv = compose_train(tmp_path, ["experiment=paper_adv_train"])
     assert adv.model.adv_train.enabled and adv.model.adv_train.eps == 0.031
     assert adv.optimizer.lr == 0.1 and adv.trainer.max_epochs == 80
+
+
+def test_trades_recipe_is_the_adv_train_recipe_with_trades_beta_6(tmp_path):
+    cfg = compose_train(tmp_path, ["experiment=paper_trades"])
+    adv = cfg.model.adv_train
+    assert adv.enabled and (adv.method, adv.beta) == ("trades", 6.0)
+    assert (adv.eps, adv.step_size, adv.steps) == (0.031, 0.007, 10)
+    assert (cfg.model.backbone, cfg.gamma, cfg.optimizer.lr, cfg.trainer.max_epochs) == (
+        "resnet18",
+        0.1,
+        0.1,
+        80,
+    )
+
+
+def test_free_recipe_replays_8_times_over_an_eighth_of_the_epochs(tmp_path):
+    cfg = compose_train(tmp_path, ["experiment=paper_free_adv_train"])
+    adv = cfg.model.adv_train
+    assert adv.enabled and (adv.method, adv.replays, adv.eps) == ("free", 8, 0.031)
+    assert cfg.trainer.max_epochs == 80 // 8 and list(cfg.scheduler.milestones) == [50 // 8]
+    assert (cfg.model.backbone, cfg.data.batch_size, cfg.optimizer.lr) == ("resnet18", 256, 0.1)
 
 
 def test_incremental_recipe_follows_the_paper_rule(tmp_path):
@@ -73,6 +118,8 @@ def test_repro_recipe_goes_relu_then_02_then_01(tmp_path, model):
     [
         ("paper_cifar_resnet18", []),
         ("paper_adv_train", ["adv_train.steps=2"]),
+        ("paper_trades", ["adv_train.steps=2"]),
+        ("paper_free_adv_train", ["adv_train.replays=2"]),
         ("repro_warmstart", ["model.pretrained=false"]),
         ("repro_warmstart", ["model=alexnet", "model.pretrained=false"]),
     ],

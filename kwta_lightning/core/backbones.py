@@ -1,4 +1,5 @@
-"""Backbones: any torchvision classifier or a small CNN, adapted to the data, ReLUs swapped.
+"""Backbones: any torchvision classifier, a small CNN or the k-WTA paper's models
+(``paper_models.py``), adapted to the data, ReLUs swapped.
 
 The network a LightningModule trains is ``Sequential(normalize, backbone)``: normalisation by the
 data set's mean and std is the first layer, so every model takes pixels in [0, 1].
@@ -16,6 +17,12 @@ Adaptations, in order:
   configured activation; a ReLU called as a function in ``forward`` is rewritten with torch.fx
   into a module call. A model whose functional ReLU cannot be traced, or that has no ReLU at all, is
   refused with the reason.
+
+A custom backbone (``CUSTOM_BACKBONES``) is built by its constructor with ``in_channels`` and
+``num_classes``, whichever of ``image_size``, ``activation`` and ``gamma`` it names, and the options
+its name carries (``wrn22(depth=10, widen_factor=1)``, see ``paper_models.backbone_spec``). One
+that names ``activation`` builds its activation sites itself (the paper's MNIST models, with
+k-WTA built in): the swap leaves it alone.
 """
 
 import difflib
@@ -33,6 +40,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from kwta_lightning.core.activations import make_activation
+from kwta_lightning.core.paper_models import (
+    PAPER_MODELS,
+    backbone_options,
+    parse_backbone_spec,
+    takes,
+)
 from kwta_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -95,7 +108,7 @@ def _numbered_to_named(module: nn.Sequential, state_dict: dict, prefix: str, *_:
             state_dict[f"{prefix}{name}.{key[len(numbered) :]}"] = state_dict.pop(key)
 
 
-CUSTOM_BACKBONES: dict[str, Callable[..., nn.Module]] = {"cnn": SmallCNN}
+CUSTOM_BACKBONES: dict[str, Callable[..., nn.Module]] = {"cnn": SmallCNN, **PAPER_MODELS}
 
 
 def torchvision_classifiers() -> list[str]:
@@ -109,8 +122,8 @@ def _check_name(name: str) -> None:
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ModelRefused(
-            f"unknown model {name!r}{hint}: use 'cnn' or a name from "
-            "torchvision.models.list_models(module=torchvision.models)"
+            f"unknown model {name!r}{hint}: use one of {', '.join(CUSTOM_BACKBONES)} or a name "
+            "from torchvision.models.list_models(module=torchvision.models)"
         )
 
 
@@ -329,15 +342,42 @@ def _activations(model: nn.Module) -> str:
     return f"its activations: {', '.join(sorted(found)) or 'none'}"
 
 
+def builds_own_activation(name: str) -> bool:
+    """Whether the backbone ``name`` (options allowed) puts the activation in itself."""
+    name = parse_backbone_spec(name)[0]
+    return name in CUSTOM_BACKBONES and takes(CUSTOM_BACKBONES[name], "activation")
+
+
 def build_backbone(
-    name: str, num_classes: int, in_channels: int, small_input: bool, pretrained: bool
+    name: str,
+    num_classes: int,
+    in_channels: int,
+    small_input: bool,
+    pretrained: bool,
+    **context: Any,
 ) -> nn.Module:
-    """The named backbone, adapted to the class count, channel count and image size."""
+    """The named backbone, adapted to the class count, channel count and image size.
+
+    ``name`` may carry a custom backbone's options, ``wrn22(depth=10)``; ``context``
+    (image_size, activation, gamma) goes to a custom backbone whose constructor names it.
+    """
+    spec = name
+    name, options = parse_backbone_spec(spec)
     _check_name(name)
     if name in CUSTOM_BACKBONES:
         if pretrained:
             raise ModelRefused(f"model {name!r} has no pretrained weights")
-        return CUSTOM_BACKBONES[name](in_channels=in_channels, num_classes=num_classes)
+        factory = CUSTOM_BACKBONES[name]
+        known = backbone_options(factory)
+        if unknown := [key for key in options if key not in known]:
+            raise ModelRefused(
+                f"model {spec!r}: {name} has no option {unknown[0]!r} "
+                f"(its options: {', '.join(known) or 'none'})"
+            )
+        given = {key: value for key, value in context.items() if takes(factory, key)}
+        return factory(in_channels=in_channels, num_classes=num_classes, **given, **options)
+    if options:
+        raise ModelRefused(f"model {spec!r}: only {', '.join(CUSTOM_BACKBONES)} take options")
     model = _load_torchvision(name, num_classes, pretrained)
     _adapt_stem(model, in_channels, small_input)
     return model
@@ -365,8 +405,19 @@ def build_network(
             f"got {mean} and {std}"
         )
     make_activation(activation, gamma)  # fail on a bad name or gamma before building anything
-    net = build_backbone(backbone, num_classes, in_channels, small_input, pretrained)
-    if activation != "relu":
+    net = build_backbone(
+        backbone,
+        num_classes,
+        in_channels,
+        small_input,
+        pretrained,
+        image_size=image_size,
+        activation=activation,
+        gamma=gamma,
+    )
+    if activation != "relu" and builds_own_activation(backbone):
+        log.info("%s: built with %s in its own places (no ReLU swap)", backbone, activation)
+    elif activation != "relu":
         example = torch.rand(1, in_channels, image_size, image_size)
         new_activation = partial(make_activation, activation, gamma)
         net, report = swap_relus(net, new_activation, example, backbone)

@@ -85,6 +85,8 @@ SHARE: Rule = number(0.0, 1.0)
 PRECISIONS = ("64-true", "32-true", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "64", "32")
 PRECISIONS += ("16", "bf16", "transformer-engine", "transformer-engine-float16", 64, 32, 16)
 PRECISION_NAMES = ", ".join(dict.fromkeys(map(str, PRECISIONS)))
+# core.module's ADV_TRAIN_METHODS (pinned by a test), written out for the same reason
+ADV_TRAIN_METHODS = ("pgd", "trades", "free")
 
 RULES: dict[str, Rule] = {
     "seed": INTEGER,
@@ -116,6 +118,12 @@ RULES: dict[str, Rule] = {
     "rel_stepsize": number(0.0, open_low=True),
     "sigma": number(0.0, open_low=True),
     "mix": SHARE,
+    "adv_train.method": (
+        (lambda v: v in ADV_TRAIN_METHODS),
+        f"one of {', '.join(ADV_TRAIN_METHODS)}",
+    ),
+    "adv_train.beta": number(0.0, open_low=True),
+    "replays": count(1),
     "tolerance": SHARE,
     "n_samples": count(1),
     "n_inputs": count(1),
