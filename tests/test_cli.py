@@ -53,6 +53,8 @@ BAD_VALUES = [
     ("train.py", "act.impl=fast", "act.impl=fast: must be one of kernel, torch, topk"),
     ("train.py", "act.per_channel=maybe", "act.per_channel=maybe: must be true or false"),
     ("train.py", "logger=foo", "unknown logger foo; known: csv, many_loggers, none"),
+    ("train.py", "hydra/launcher=foo", "unknown hydra/launcher foo; known: basic, joblib, slurm"),
+    ("train.py", "data=imagenet", "unknown data imagenet; known: cifar10, cifar100, fake"),
     ("train.py", "optimizer=adamw", "unknown optimizer adamw; known: adam, sgd"),
     ("attack.py", "preset=mnist", "unknown preset mnist; known: mnist_kwta"),
     ("attack.py", "attack.pgd.stepz=3", "attack.pgd.stepz is not a key of the config (did you"),

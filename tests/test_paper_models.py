@@ -1,6 +1,6 @@
 """The k-WTA paper's architectures (model=wrn22, paper_mnist_cnn, paper_mnist_dnn): built tiny
 with k-WTA and ReLU, their k-WTA layers and ratios, training through the real config, and their
-options carried by the checkpoint's hyper-parameters."""
+options (model.backbone_options) carried by the checkpoint's hyper-parameters."""
 
 import pytest
 import torch
@@ -8,43 +8,38 @@ from hydra.utils import instantiate
 from torch import nn
 
 from kwta_lightning.core.activations import KWTA, KWTAChannel, kwta_layers
-from kwta_lightning.core.backbones import build_network
+from kwta_lightning.core.backbones import build_network, options_of
 from kwta_lightning.core.module import KWTAClassifier
-from kwta_lightning.core.paper_models import PaperMnistCNN, WideResNet, backbone_spec
 from kwta_lightning.errors import ConfigError
 from kwta_lightning.run.console import error_line
 from kwta_lightning.run.training import train
 from tests.helpers import compose_train, needs_mnist
 
-# Tiny versions of each model: (spec, input channels, image size, k-WTA layers with their gammas
-# when the run's gamma is 0.1).
+# Tiny versions of each model: (backbone options, input channels, image size, k-WTA layers with
+# their gammas when the run's gamma is 0.1).
 TINY_MODELS = {
-    "wrn22": ("wrn22(depth=10, widen_factor=1)", 3, 32, [0.1] * 7),  # 2 a block, 3 blocks, 1 last
+    "wrn22": ({"depth": 10, "widen_factor": 1}, 3, 32, [0.1] * 7),  # 2 a block, 3 blocks, 1 last
     "paper_mnist_cnn": (
-        "paper_mnist_cnn(channels=[4, 4, 8, 8], hidden=32, gamma_conv=0.2, gamma_fc=0.05)",
+        {"channels": [4, 4, 8, 8], "hidden": 32, "gamma_conv": 0.2, "gamma_fc": 0.05},
         1,
         28,
         [0.2] * 4 + [0.05],
     ),
-    "paper_mnist_dnn": ("paper_mnist_dnn(hidden=32)", 1, 28, [0.1, 0.1]),
+    "paper_mnist_dnn": ({"hidden": 32}, 1, 28, [0.1, 0.1]),
 }
 # The same tiny models as config overrides
 TINY_OVERRIDES = {
-    "wrn22": ["model.depth=10", "model.widen_factor=1"],
-    "paper_mnist_cnn": [
-        "model.channels=[4,4,8,8]",
-        "model.hidden=32",
-        "model.gamma_conv=0.2",
-        "model.gamma_fc=0.05",
-    ],
-    "paper_mnist_dnn": ["model.hidden=32"],
+    name: [f"model.backbone_options.{key}={value}" for key, value in options.items()]
+    for name, (options, *_) in TINY_MODELS.items()
 }
 DATA = ["data=fake", "data.image_size=16", "data.batch_size=8", "trainer=cpu"]
 
 
 def network(name: str, activation: str) -> tuple[nn.Module, torch.Tensor, list[float]]:
-    spec, channels, size, gammas = TINY_MODELS[name]
-    net = build_network(spec, 10, channels, size, [0.5], [0.25], activation, gamma=0.1)
+    options, channels, size, gammas = TINY_MODELS[name]
+    net = build_network(
+        name, 10, channels, size, [0.5], [0.25], activation, 0.1, backbone_options=options
+    )
     return net, torch.rand(2, channels, size, size), gammas
 
 
@@ -69,8 +64,9 @@ def test_relu_model_is_the_same_architecture_with_relus(name):
 
 
 def test_built_in_kwta_takes_the_configured_kind():
-    spec, channels, size, _ = TINY_MODELS["paper_mnist_cnn"]
-    net = build_network(spec, 10, channels, size, [0.5], [0.25], "kwta_channel", gamma=0.1)
+    options, channels, size, _ = TINY_MODELS["paper_mnist_cnn"]
+    args = ("paper_mnist_cnn", 10, channels, size, [0.5], [0.25], "kwta_channel", 0.1)
+    net = build_network(*args, backbone_options=options)
     assert [type(m) for m in kwta_layers(net).values()] == [KWTAChannel] * 5
 
 
@@ -113,49 +109,84 @@ def test_config_options_reach_the_network_and_its_checkpoint(tmp_path, name):
     gammas = TINY_MODELS[name][3]
     assert model(x).shape == (2, 10)
     assert [m.gamma for m in kwta_layers(model.net).values()] == gammas
-    assert model.hparams.backbone == TINY_MODELS[name][0]
+    assert model.hparams.backbone == name
+    assert model.hparams.backbone_options == options_of(name) | TINY_MODELS[name][0]
     # the hyper-parameters alone rebuild the network (as attack.py and checkpoints do)
     rebuilt = KWTAClassifier(**model.hparams)
     rebuilt.load_state_dict(model.state_dict())
     model.eval(), rebuilt.eval()
     assert torch.equal(model(x), rebuilt(x))
+    # so does loading a checkpoint of another activation into a live module
+    relu = KWTAClassifier(**(model.hparams | {"activation": "relu"}))
+    relu.on_load_checkpoint({"hyper_parameters": dict(model.hparams)})
+    relu.load_state_dict(model.state_dict())
+    assert relu.eval()(x).equal(model(x))
     # set_gamma (gamma schedules, incremental training) sees every k-WTA layer
     assert model.set_gamma(0.05) == len(gammas)
     assert {m.gamma for m in kwta_layers(model.net).values()} == {0.05}
 
 
 def test_gamma_conv_and_fc_follow_the_runs_gamma_by_default(tmp_path):
-    cfg = compose_train(tmp_path, [*DATA, "model=paper_mnist_cnn", "model.hidden=32", "gamma=0.3"])
-    model = instantiate(cfg.model)
-    assert model.hparams.backbone == "paper_mnist_cnn(hidden=32)"
+    overrides = [*DATA, "model=paper_mnist_cnn", "model.backbone_options.hidden=32", "gamma=0.3"]
+    model = instantiate(compose_train(tmp_path, overrides).model)
+    assert model.hparams.backbone_options["gamma_conv"] is None
+    assert model.hparams.backbone_options["gamma_fc"] is None
     assert [m.gamma for m in kwta_layers(model.net).values()] == [0.3] * 5
 
 
-def test_the_papers_defaults_leave_the_name_plain():
-    options = {"depth": 22, "widen_factor": 10, "dropout": 0.0}
-    assert backbone_spec("wrn22", WideResNet, options) == "wrn22"
-    options = {"channels": [32, 32, 64, 64], "hidden": 20000, "gamma_conv": 0.1, "gamma_fc": 0.1}
-    assert backbone_spec("paper_mnist_cnn", PaperMnistCNN, options, gamma=0.1) == "paper_mnist_cnn"
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_the_configs_defaults_are_the_papers(tmp_path, name):
+    """The config's backbone_options are the constructor's defaults (the paper's models)."""
+    cfg = compose_train(tmp_path, [f"model={name}"])
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in options_of(name).items()}
+    assert cfg.model.backbone_options == defaults
+
+
+def test_every_model_config_has_backbone_options(tmp_path):
+    cfg = compose_train(tmp_path, ["model=resnet18"])
+    assert cfg.model.backbone_options is None
+
+
+def test_checkpoints_without_backbone_options_still_load():
+    model = KWTAClassifier("cnn", 10, 1, 16, [0.5], [0.25])
+    saved = {k: v for k, v in model.hparams.items() if k != "backbone_options"}  # an old one
+    rebuilt = KWTAClassifier(**saved)
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.hparams.backbone_options is None
 
 
 def test_bad_depth_is_a_one_line_config_error(tmp_path):
-    cfg = compose_train(tmp_path, [*DATA, "model=wrn22", "model.depth=23", "debug=fdr"])
+    overrides = [*DATA, "model=wrn22", "model.backbone_options.depth=23", "debug=fdr"]
     with pytest.raises(Exception) as caught:
-        train(cfg)
+        train(compose_train(tmp_path, overrides))
     line = error_line(caught.value)
-    assert line.startswith("model.depth=23: must be 6n+4") and "\n" not in str(line)
+    assert line.startswith("model.backbone_options.depth=23: must be 6n+4")
+    assert "\n" not in str(line)
 
 
 @pytest.mark.parametrize(
-    ("spec", "message"),
+    ("name", "options", "message"),
     [
-        ("wrn22(depth=16, widen_factor=0)", "model.widen_factor=0: must be an integer >= 1"),
-        ("paper_mnist_cnn(channels=[4, 4])", r"model.channels=\[4, 4\]: must be a list of 4"),
-        ("paper_mnist_cnn(gamma_fc=1.5)", r"model.gamma_fc=1.5: must be a number in \(0, 1\]"),
-        ("paper_mnist_dnn(hidden=0)", "model.hidden=0: must be an integer >= 1"),
-        ("paper_mnist_dnn(depth=3)", "paper_mnist_dnn has no option 'depth'"),
+        ("wrn22", {"depth": 16, "widen_factor": 0}, r"\.widen_factor=0: must be an integer >= 1"),
+        ("paper_mnist_cnn", {"channels": [4, 4]}, r"\.channels=\[4, 4\]: must be a list of 4"),
+        ("paper_mnist_cnn", {"gamma_fc": 1.5}, r"\.gamma_fc=1.5: must be a number in \(0, 1\]"),
+        ("paper_mnist_dnn", {"hidden": 0}, r"\.hidden=0: must be an integer >= 1"),
+        ("paper_mnist_dnn", {"depth": 3}, "paper_mnist_dnn has no option 'depth'"),
+        ("paper_mnist_dnn", {"gamma": 0.2}, "paper_mnist_dnn has no option 'gamma'"),
+        ("resnet18", {"depth": 3}, "resnet18 is a torchvision model and takes no options"),
     ],
 )
-def test_bad_options_name_their_key(spec, message):
-    with pytest.raises(ConfigError, match=message):
-        build_network(spec, 10, 1, 28, [0.5], [0.25], "kwta", gamma=0.1)
+def test_bad_options_name_their_key(name, options, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        build_network(name, 10, 1, 28, [0.5], [0.25], "kwta", 0.1, backbone_options=options)
+    assert str(caught.value).startswith("model.backbone_options")
+    assert "\n" not in str(caught.value)
+
+
+def test_unknown_option_is_refused_through_the_config(tmp_path):
+    overrides = [*DATA, "model=wrn22", "+model.backbone_options.width=3", "debug=fdr"]
+    with pytest.raises(Exception) as caught:
+        train(compose_train(tmp_path, overrides))
+    line = error_line(caught.value)
+    assert line.startswith("model.backbone_options.width: wrn22 has no option 'width' (its ")
+    assert "\n" not in str(line)

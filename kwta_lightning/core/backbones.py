@@ -19,16 +19,19 @@ Adaptations, in order:
   refused with the reason.
 
 A custom backbone (``CUSTOM_BACKBONES``) is built by its constructor with ``in_channels`` and
-``num_classes``, whichever of ``image_size``, ``activation`` and ``gamma`` it names, and the options
-its name carries (``wrn22(depth=10, widen_factor=1)``, see ``paper_models.backbone_spec``). One
-that names ``activation`` builds its activation sites itself (the paper's MNIST models, with
-k-WTA built in): the swap leaves it alone.
+``num_classes``, whichever of ``image_size``, ``activation`` and ``gamma`` it names, and the
+model's ``backbone_options`` (a plain dict, ``model.backbone_options.depth=10``: its other
+arguments, see :func:`options_of`); an option the constructor does not take, or options for a
+torchvision model, are refused. A custom backbone whose constructor names ``activation`` builds
+its activation sites itself (the paper's MNIST models, with k-WTA built in): the swap leaves it
+alone.
 """
 
 import difflib
+import inspect
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -40,12 +43,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from kwta_lightning.core.activations import make_activation
-from kwta_lightning.core.paper_models import (
-    PAPER_MODELS,
-    backbone_options,
-    parse_backbone_spec,
-    takes,
-)
+from kwta_lightning.core.paper_models import PAPER_MODELS
 from kwta_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -109,6 +107,22 @@ def _numbered_to_named(module: nn.Sequential, state_dict: dict, prefix: str, *_:
 
 
 CUSTOM_BACKBONES: dict[str, Callable[..., nn.Module]] = {"cnn": SmallCNN, **PAPER_MODELS}
+# What build_network gives a custom backbone (those its constructor names); the rest are options.
+BUILT_IN = ("in_channels", "num_classes", "image_size", "activation", "gamma")
+
+
+def options_of(name: str) -> dict[str, Any]:
+    """The options the custom backbone ``name`` takes (``model.backbone_options``), with their
+    defaults: its constructor's arguments other than ``BUILT_IN``."""
+    return {
+        key: p.default
+        for key, p in inspect.signature(CUSTOM_BACKBONES[name]).parameters.items()
+        if key not in BUILT_IN and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _takes(name: str, argument: str) -> bool:
+    return argument in inspect.signature(CUSTOM_BACKBONES[name]).parameters
 
 
 def torchvision_classifiers() -> list[str]:
@@ -343,9 +357,8 @@ def _activations(model: nn.Module) -> str:
 
 
 def builds_own_activation(name: str) -> bool:
-    """Whether the backbone ``name`` (options allowed) puts the activation in itself."""
-    name = parse_backbone_spec(name)[0]
-    return name in CUSTOM_BACKBONES and takes(CUSTOM_BACKBONES[name], "activation")
+    """Whether the backbone ``name`` puts the activation in itself (its constructor takes it)."""
+    return name in CUSTOM_BACKBONES and _takes(name, "activation")
 
 
 def build_backbone(
@@ -354,30 +367,36 @@ def build_backbone(
     in_channels: int,
     small_input: bool,
     pretrained: bool,
+    options: Mapping[str, Any] | None = None,
     **context: Any,
 ) -> nn.Module:
     """The named backbone, adapted to the class count, channel count and image size.
 
-    ``name`` may carry a custom backbone's options, ``wrn22(depth=10)``; ``context``
+    ``options`` (``model.backbone_options``) go to a custom backbone's constructor; ``context``
     (image_size, activation, gamma) goes to a custom backbone whose constructor names it.
     """
-    spec = name
-    name, options = parse_backbone_spec(spec)
+    if options is not None and not isinstance(options, Mapping):
+        raise ModelRefused(f"model.backbone_options={options}: must be a mapping of option: value")
+    options = dict(options or {})
     _check_name(name)
-    if name in CUSTOM_BACKBONES:
+    if name not in CUSTOM_BACKBONES:
+        if options:
+            raise ModelRefused(
+                f"model.backbone_options={options}: {name} is a torchvision model and takes no "
+                f"options (only {', '.join(CUSTOM_BACKBONES)} do)"
+            )
+    else:
         if pretrained:
             raise ModelRefused(f"model {name!r} has no pretrained weights")
-        factory = CUSTOM_BACKBONES[name]
-        known = backbone_options(factory)
+        known = options_of(name)
         if unknown := [key for key in options if key not in known]:
             raise ModelRefused(
-                f"model {spec!r}: {name} has no option {unknown[0]!r} "
+                f"model.backbone_options.{unknown[0]}: {name} has no option {unknown[0]!r} "
                 f"(its options: {', '.join(known) or 'none'})"
             )
-        given = {key: value for key, value in context.items() if takes(factory, key)}
+        given = {key: value for key, value in context.items() if _takes(name, key)}
+        factory = CUSTOM_BACKBONES[name]
         return factory(in_channels=in_channels, num_classes=num_classes, **given, **options)
-    if options:
-        raise ModelRefused(f"model {spec!r}: only {', '.join(CUSTOM_BACKBONES)} take options")
     model = _load_torchvision(name, num_classes, pretrained)
     _adapt_stem(model, in_channels, small_input)
     return model
@@ -394,10 +413,12 @@ def build_network(
     gamma: float = 0.1,
     small_input: bool = True,
     pretrained: bool = False,
+    backbone_options: Mapping[str, Any] | None = None,
 ) -> nn.Sequential:
     """Normalisation, then the backbone with ``activation`` in place of every ReLU.
 
     ``activation="relu"`` keeps the backbone exactly as torchvision defines it.
+    ``backbone_options`` are a custom backbone's options (``{"depth": 10}`` for ``wrn22``).
     """
     if {len(mean), len(std)} - {1, in_channels}:
         raise ConfigError(
@@ -411,6 +432,7 @@ def build_network(
         in_channels,
         small_input,
         pretrained,
+        backbone_options,
         image_size=image_size,
         activation=activation,
         gamma=gamma,

@@ -131,7 +131,9 @@ class KWTAClassifier(L.LightningModule):
     ``scheduler`` are Hydra configs with ``_partial_: true`` (instantiated in
     ``configure_optimizers``); the default optimizer is the paper's SGD (lr 0.1, momentum 0.9).
     ``adv_train`` holds the fields of :class:`AdvTrain` (PGD, TRADES or free adversarial training
-    when enabled).
+    when enabled). ``backbone_options`` are a custom backbone's options (``{"depth": 10}`` for
+    ``wrn22``, the model config's ``model.backbone_options``); None, as in checkpoints written
+    before it existed, is none.
 
     The activation and gamma can change during training (:meth:`swap_to`, :meth:`set_gamma`, used
     by the callbacks); they update the saved hyper-parameters, so a checkpoint records the network
@@ -154,6 +156,7 @@ class KWTAClassifier(L.LightningModule):
         scheduler: Mapping[str, Any] | None = None,
         compile: bool = False,
         adv_train: Mapping[str, Any] | None = None,
+        backbone_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -169,6 +172,7 @@ class KWTAClassifier(L.LightningModule):
             gamma,
             small_input,
             pretrained,
+            backbone_options,
         )
         if compile:
             self.net.compile()
@@ -389,7 +393,8 @@ class KWTAClassifier(L.LightningModule):
         checkpoint["metric_states"] = {n: _metric_state(getattr(self, n)) for n in RESUMED_METRICS}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild the network when the checkpoint holds another activation or gamma than this one.
+        """Rebuild the network when the checkpoint holds another activation, gamma or backbone
+        options than this one.
 
         Loading happens before the state dict is copied in, so the weights land in a network like
         the one they were trained in (e.g. testing or resuming a run whose activation changed).
@@ -399,7 +404,7 @@ class KWTAClassifier(L.LightningModule):
         saved = checkpoint.get("hyper_parameters", {})
         changed = {
             key: saved[key]
-            for key in ("activation", "gamma")
+            for key in ("activation", "gamma", "backbone_options")
             if key in saved and saved[key] != self.hparams[key]
         }
         if not changed:
@@ -417,6 +422,7 @@ class KWTAClassifier(L.LightningModule):
             hp.gamma,
             hp.small_input,
             pretrained=False,  # the checkpoint's weights replace them
+            backbone_options=hp.get("backbone_options"),
         ).to(self.device)
         if hp.compile:
             self.net.compile()

@@ -1,4 +1,4 @@
-"""The k-WTA paper's own architectures, and a model config's options for a custom backbone.
+"""The k-WTA paper's own architectures, custom backbones of ``core/backbones.py``.
 
 * :class:`WideResNet`: WRN-d-k of Zagoruyko & Komodakis (2016), the paper's CIFAR WideResNet-22-10
   (``model=wrn22``): pre-activation basic blocks, plain ``nn.ReLU`` modules that the backbone swap
@@ -10,16 +10,13 @@
   leaves them alone; the CNN has separate sparsity ratios for its convolutional and its fully
   connected k-WTA layers (the paper's ``sp1`` and ``sp2``).
 
-A custom backbone's options (``model.depth``, ``model.hidden``, ...) travel in the backbone's name,
-``wrn22(depth=10, widen_factor=1)`` (:func:`backbone_spec`): the checkpoint's ``backbone``
-hyper-parameter then rebuilds the same network wherever a checkpoint is loaded. :func:`classifier`,
-the ``_target_`` of these models' configs, folds the config's extra keys into that name.
+A constructor's arguments other than ``in_channels``, ``num_classes``, ``image_size``,
+``activation`` and ``gamma`` (which ``build_network`` gives) are the model config's
+``model.backbone_options`` (``model.backbone_options.depth=10``); their error messages name them so.
 """
 
-import ast
-import inspect
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -27,16 +24,12 @@ from torch import nn
 from kwta_lightning.core.activations import check_gamma, make_activation
 from kwta_lightning.errors import ConfigError
 
-# What build_network gives a custom backbone (those its constructor names); the rest are options.
-BUILT_IN = ("in_channels", "num_classes", "image_size", "activation", "gamma")
-# Options whose value, when it equals the run's gamma, is left out of the backbone's name: the
-# layers then follow ``gamma`` (set_gamma, gamma schedules, a checkpoint of another gamma).
-FOLLOW_GAMMA = ("gamma_conv", "gamma_fc")
+OPTION = "model.backbone_options"  # where a config sets a custom backbone's options
 
 
 def _count(key: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"model.{key}={value}: must be an integer >= {low}")
+        raise ConfigError(f"{OPTION}.{key}={value}: must be an integer >= {low}")
     return value
 
 
@@ -44,7 +37,7 @@ def _ratio(key: str, value: Any) -> float:
     try:
         return check_gamma(value)
     except ConfigError:
-        raise ConfigError(f"model.{key}={value}: must be a number in (0, 1]") from None
+        raise ConfigError(f"{OPTION}.{key}={value}: must be a number in (0, 1]") from None
 
 
 class _PreActBlock(nn.Module):
@@ -91,13 +84,13 @@ class WideResNet(nn.Sequential):
     ) -> None:
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or depth % 6 != 4:
             raise ConfigError(
-                f"model.depth={depth}: must be 6n+4, n >= 1 blocks a group (10, 16, 22, 28, ...)"
+                f"{OPTION}.depth={depth}: must be 6n+4, n >= 1 blocks a group (10, 16, 22, 28, ...)"
             )
         _count("widen_factor", widen_factor, 1)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-            raise ConfigError(f"model.dropout={dropout}: must be a number in [0, 1)")
+            raise ConfigError(f"{OPTION}.dropout={dropout}: must be a number in [0, 1)")
         if not 0 <= dropout < 1:
-            raise ConfigError(f"model.dropout={dropout}: must be a number in [0, 1)")
+            raise ConfigError(f"{OPTION}.dropout={dropout}: must be a number in [0, 1)")
         blocks = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         layers: OrderedDict[str, nn.Module] = OrderedDict(
@@ -147,7 +140,7 @@ class PaperMnistCNN(nn.Sequential):
     ``gamma_fc`` (``sp2``), then the linear classifier. Biases everywhere, no batch norm,
     PyTorch's initialisation: as the paper's code. ``activation="relu"`` puts ReLUs in the same
     places (its ReLU baseline).
-    ``gamma_conv`` and ``gamma_fc`` default to ``gamma``.
+    ``gamma_conv`` and ``gamma_fc`` of None (the default) are ``gamma``: those layers follow it.
     """
 
     def __init__(
@@ -163,7 +156,7 @@ class PaperMnistCNN(nn.Sequential):
         gamma_fc: float | None = None,
     ) -> None:
         if not isinstance(channels, Sequence) or len(channels) != 4:
-            raise ConfigError(f"model.channels={channels}: must be a list of 4 channel counts")
+            raise ConfigError(f"{OPTION}.channels={channels}: must be a list of 4 channel counts")
         for c in channels:
             _count("channels", c, 1)
         _count("hidden", hidden, 1)
@@ -205,7 +198,7 @@ class PaperMnistDNN(nn.Sequential):
     ) -> None:
         _count("hidden", hidden, 1)
         _count("hidden_layers", hidden_layers, 1)
-        gamma = _ratio("gamma", gamma)
+        gamma = check_gamma(gamma)
         layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
         features = in_channels * image_size * image_size
         for i in range(1, hidden_layers + 1):
@@ -225,93 +218,3 @@ PAPER_MODELS: dict[str, Callable[..., nn.Module]] = {
     "paper_mnist_cnn": PaperMnistCNN,
     "paper_mnist_dnn": PaperMnistDNN,
 }
-
-
-def backbone_options(factory: Callable[..., nn.Module]) -> dict[str, Any]:
-    """The options a custom backbone takes from the model config, with their defaults."""
-    return {
-        name: p.default
-        for name, p in inspect.signature(factory).parameters.items()
-        if name not in BUILT_IN and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-
-
-def takes(factory: Callable[..., nn.Module], name: str) -> bool:
-    """Whether a custom backbone's constructor has a parameter ``name``."""
-    return name in inspect.signature(factory).parameters
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def backbone_spec(
-    name: str,
-    factory: Callable[..., nn.Module],
-    options: Mapping[str, Any],
-    gamma: float | None = None,
-) -> str:
-    """``name``, or ``name(key=value, ...)`` with the options that differ from their defaults
-    (a gamma option equal to the run's ``gamma`` is left out: those layers follow ``gamma``)."""
-    known = backbone_options(factory)
-    for key in options:
-        if key not in known:
-            raise ConfigError(
-                f"model.{key}: {name} has no option {key!r} "
-                f"(its options: {', '.join(known) or 'none'})"
-            )
-    kept = {  # in the constructor's order: one network, one name
-        key: _plain(options[key])
-        for key in known
-        if key in options
-        and _plain(options[key]) != _plain(known[key])
-        and not (key in FOLLOW_GAMMA and options[key] == gamma)
-    }
-    if not kept:
-        return name
-    return f"{name}({', '.join(f'{key}={value!r}' for key, value in kept.items())})"
-
-
-def parse_backbone_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``("wrn22", {"depth": 10})`` of ``"wrn22(depth=10)"``; ``(spec, {})`` of a plain name."""
-    if "(" not in spec:
-        return spec, {}
-    try:
-        call = ast.parse(spec, mode="eval").body
-        if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
-            raise ValueError("not name(key=value, ...)")
-        options = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
-        if None in options:
-            raise ValueError("not name(key=value, ...)")
-    except (SyntaxError, ValueError) as err:
-        raise ConfigError(
-            f"model.backbone={spec}: must be a name or name(key=value, ...) ({err})"
-        ) from None
-    return call.func.id, options
-
-
-def classifier(**config: Any) -> nn.Module:
-    """The ``KWTAClassifier`` of a model config whose custom backbone takes options.
-
-    The ``_target_`` of ``conf/model/wrn22.yaml`` and the paper's MNIST models: every key that is
-    not a ``KWTAClassifier`` argument (``depth``, ``hidden``, ``gamma_conv``, ...) is an option of
-    the backbone and goes into its name (:func:`backbone_spec`), so the checkpoint's hyper-
-    parameters are the classifier's own and rebuild the same network.
-    """
-    # imported here: core.module imports core.backbones, which imports this module
-    from kwta_lightning.core.backbones import CUSTOM_BACKBONES
-    from kwta_lightning.core.module import KWTAClassifier
-
-    own = inspect.signature(KWTAClassifier).parameters
-    options = {key: config.pop(key) for key in list(config) if key not in own}
-    name, given = parse_backbone_spec(config["backbone"])
-    options = given | options
-    if name not in CUSTOM_BACKBONES:
-        if options:
-            raise ConfigError(
-                f"model.backbone={name}: takes no options ({', '.join(options)}); "
-                f"only {', '.join(CUSTOM_BACKBONES)} do"
-            )
-        return KWTAClassifier(**config)
-    spec = backbone_spec(name, CUSTOM_BACKBONES[name], options, config.get("gamma"))
-    return KWTAClassifier(**(config | {"backbone": spec}))

@@ -4,8 +4,9 @@ stops with one line that names it (and the known names, or the nearest key).
 
 Hydra's own errors for these run to many lines ending on its search path or "object_type=dict",
 for a mistyped key suggest ``+gama=0.1``, which would add the typo as a new key and run with the
-default gamma, and for a run folder under a file end in a traceback. Hydra's own groups
-(``hydra/launcher=...``) are left to Hydra.
+default gamma, and for a run folder under a file end in a traceback. An option of Hydra's own
+groups (``hydra/launcher=...``, whose options the installed plugins add) is checked by letting
+Hydra compose it.
 """
 
 import difflib
@@ -18,14 +19,30 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
-from hydra.errors import HydraException
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
 _ABSENT = object()
 
 
 def _options(conf: Path, group: str) -> list[str]:
-    return sorted(p.stem for p in (conf / group).glob("*.yaml"))
+    """A group's options; ``_base``-like files are what options build on, not options."""
+    return sorted(p.stem for p in (conf / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _unknown_hydra_option(conf: Path, config_name: str, override: Override) -> str | None:
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf.resolve()), version_base="1.3"):
+            compose(config_name, overrides=[override.input_line], return_hydra_config=True)
+    except MissingConfigException as err:
+        group = override.key_or_group
+        return f"unknown {group} {override.value()}; known: {', '.join(err.options or [])}"
+    except HydraException:
+        return None  # not an unknown option: Hydra will say what is wrong
+    finally:
+        GlobalHydra.instance().clear()
+    return None
 
 
 def _names(override: Override) -> list[str]:
@@ -85,6 +102,8 @@ def bad_override(conf: Path, config_name: str, args: list[str]) -> str | None:
         if key in ("hydra.run.dir", "hydra.sweep.dir") and (
             why := _run_folder(key, str(override.value()))
         ):
+            return why
+        if key.startswith("hydra/") and (why := _unknown_hydra_option(conf, config_name, override)):
             return why
         if override.is_delete() or key.split("/")[0].split(".")[0] == "hydra":
             continue
