@@ -58,6 +58,12 @@ TINY_ATTACKS = [
     "attack.transfer.attack.steps=10",
     "attack.transfer.attack.rel_stepsize=0.1",
     "attack.square.n_queries=20",
+    "attack.mim.steps=5",
+    "attack.cw_linf.attack.binary_search_steps=2",
+    "attack.boundary.attack.steps=100",
+    "attack.single_pixel.max_pixels=30",
+    "attack.local_search.rounds=3",
+    "attack.local_search.max_locations=16",
 ]
 
 
@@ -116,7 +122,7 @@ def test_the_test_models_learn_the_patches(relu_net, kwta_net):
 def test_every_attack_stays_in_bounds_and_worst_case_is_below_each(relu_net):
     every = sorted(p.stem for p in (ROOT / "conf" / "attack").glob("*.yaml"))
     attacks = compose_attacks([], ",".join(every))
-    assert len(attacks) == len(every) == 16
+    assert len(attacks) == len(every) == 21
     x, y = patches(16)
     epsilons = {"linf": [0.0, 0.3], "l2": [0.0, 2.0]}
     for attack in attacks.values():
@@ -381,6 +387,7 @@ class CountingPasses(nn.Module):
 def test_each_budget_is_the_work_the_attack_does(kwta_net):
     # BPDA and transfer attack copies of the model: their budget is their inner attack's
     names = "pgd,fgsm,deepfool,apgd_ce,apgd_dlr,nes_pgd,square,autoattack,l2_pgd,deepfool_l2,cw"
+    names += ",mim,cw_linf,boundary,single_pixel,local_search"
     x, y = patches(8)
     for name, attack in compose_attacks([], names).items():
         counted = CountingPasses(kwta_net).eval()
