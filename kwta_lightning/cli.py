@@ -1,6 +1,6 @@
 """Every app's command line. ``pyproject.toml`` installs them as ``kwta-train``, ``kwta-attack``,
-``kwta-landscape``, ``kwta-toy1d``, ``kwta-summarize`` and ``kwta-merge``; ``python train.py`` and
-``python attack.py`` call the same functions.
+``kwta-landscape``, ``kwta-toy1d``, ``kwta-table1``, ``kwta-summarize``, ``kwta-merge`` and
+``kwta-export``; ``python train.py`` and ``python attack.py`` call the same functions.
 
 A Hydra app checks its overrides before Hydra composes them and its values before any work; its
 task imports torch, Lightning and the attack libraries only then, so a wrong input is refused in
@@ -62,6 +62,12 @@ def _toy1d(cfg: DictConfig) -> None:
     run(cfg)
 
 
+def _table1(cfg: DictConfig) -> None:
+    from kwta_lightning.apps.table1 import run
+
+    run(cfg)
+
+
 def train() -> None:
     sys.argv = ddp_child_argv(sys.argv)
     _hydra_app("train", _train)()
@@ -70,6 +76,7 @@ def train() -> None:
 attack = _hydra_app("attack", _attack)
 landscape = _hydra_app("landscape", _landscape)
 toy1d = _hydra_app("toy1d", _toy1d)
+table1 = _hydra_app("table1", _table1)
 
 
 def summarize() -> None:
@@ -82,3 +89,9 @@ def merge() -> None:
     from kwta_lightning.attacks.merge import main
 
     main()
+
+
+def export() -> None:
+    from kwta_lightning.apps.export import main
+
+    exit_on_user_error(main)()

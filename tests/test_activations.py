@@ -133,3 +133,45 @@ def test_torch_compile(layer):
     torch.testing.assert_close(compiled(x), module(x))
     module.gamma = 0.5  # recompiles for the new k
     torch.testing.assert_close(compiled(x), reference_kwta(x.detach(), 0.5, layer is KWTAChannel))
+
+
+def test_fixed_k_layers_keep_k_whatever_the_size():
+    x = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(0))
+    layer = make_activation("kwta_fixed", options={"k": 7})
+    assert (layer(x).flatten(1) != 0).sum(1).tolist() == [7, 7, 7]
+    assert torch.equal(layer(x), reference_kwta(x, 7 / 100, per_channel=False))
+    per_channel = make_activation("kwta_channel_fixed", options={"k": 3})
+    assert (per_channel(x).flatten(2) != 0).sum(2).unique().tolist() == [3]
+    vectors = torch.randn(2, 40, generator=torch.Generator().manual_seed(1))
+    assert (layer(vectors) != 0).sum(1).tolist() == [7, 7]  # the same k on a smaller layer
+
+
+def test_fixed_k_passes_gradients_through_its_winners_only():
+    x = torch.tensor([[3.0, -1.0, 2.0, 0.5]], requires_grad=True)
+    make_activation("kwta_fixed", options={"k": 2})(x).sum().backward()
+    assert x.grad.tolist() == [[1.0, 0.0, 1.0, 0.0]]
+
+
+def test_fixed_k_is_refused_on_a_layer_it_would_keep_whole():
+    with pytest.raises(ConfigError, match=r"act.options.k=10: a k-WTA layer here has only 10"):
+        make_activation("kwta_fixed", options={"k": 10})(torch.randn(2, 10))
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("kwta_fixed", None, "activation kwta_fixed takes act.options k; got none"),
+        ("kwta_fixed", {"k": 0}, "act.options.k=0: must be an integer >= 1"),
+        ("kwta_fixed", {"k": 2, "q": 1}, "takes act.options k; got k, q"),
+        ("kwta", {"k": 2}, "activation kwta takes no act.options; got k"),
+    ],
+)
+def test_activation_options_are_checked(name, options, message):
+    with pytest.raises(ConfigError, match=message):
+        make_activation(name, options=options)
+
+
+def test_gamma_leaves_fixed_k_layers_alone():
+    model = torch.nn.Sequential(make_activation("kwta_fixed", options={"k": 2}), KWTA(0.3))
+    assert len(kwta_layers(model)) == 2
+    assert set_gamma(model, 0.5) == 1 and model[0].k == 2 and model[1].gamma == 0.5

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from kwta_lightning.core.activations import KWTA, KWTAChannel
+from kwta_lightning.core.activations import KWTA
 from kwta_lightning.core.data import ImageDataModule
 from kwta_lightning.core.module import KWTAClassifier
 from kwta_lightning.run.training import train
@@ -15,20 +15,22 @@ TINY = ["data=fake", "data.image_size=16", "data.batch_size=16", "trainer=cpu", 
 
 
 @pytest.mark.parametrize(
-    ("model", "act", "layer"),
+    ("model", "choice", "act", "gamma"),
     [
-        ("cnn", "relu", torch.nn.ReLU),
-        ("cnn", "kwta", KWTA),
-        ("resnet18", "kwta", KWTA),
-        ("resnet18", "kwta_channel", KWTAChannel),
+        ("cnn", ["act=relu"], "relu", None),
+        ("cnn", ["act=kwta"], "kwta", 0.1),
+        ("resnet18", ["act=kwta"], "kwta", 0.1),
+        ("resnet18", ["act=kwta", "act.per_channel=true"], "kwta_channel", 0.1),
+        ("cnn", ["act=kwta_fixed", "act.options.k=8"], "kwta_fixed(k=8)", None),
+        ("paper_mnist_cnn", ["act=kwta_fixed", "act.options.k=8"], "kwta_fixed(k=8)", None),
     ],
 )
-def test_fast_dev_run(tmp_path, model, act, layer):
-    choice = ["act=kwta", "act.per_channel=true"] if act == "kwta_channel" else [f"act={act}"]
-    cfg = compose_train(tmp_path, [*TINY, f"model={model}", *choice, "debug=fdr"])
+def test_fast_dev_run(tmp_path, model, choice, act, gamma):
+    options = ["model.backbone_options.hidden=64"] if model == "paper_mnist_cnn" else []
+    cfg = compose_train(tmp_path, [*TINY, f"model={model}", *choice, *options, "debug=fdr"])
     metrics = train(cfg)
     assert 0 <= metrics["test_acc"] <= 1
-    assert metrics["model"] == model and metrics["act"] == act
+    assert (metrics["model"], metrics["act"], metrics["gamma"]) == (model, act, gamma)
     assert json.loads((tmp_path / "metrics.json").read_text())["test_acc"] == metrics["test_acc"]
 
 

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
+from kwta_lightning.core.activations import activation_label, uses_gamma
 from kwta_lightning.errors import KWTAError
 from kwta_lightning.run.console import markdown_table, rich_console
 from kwta_lightning.run.jobs import ERROR_FILE
@@ -69,18 +70,18 @@ def _read_json(path: Path) -> dict[str, Any]:
 def load_run(run_dir: Path, root: Path | None) -> Row:
     """One row: the run's config, its metrics, and its error if it failed."""
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    name, options = OmegaConf.select(cfg, "act.name"), OmegaConf.select(cfg, "act.options")
+    options = None if options is None else OmegaConf.to_container(options)
     job = str(run_dir.relative_to(root)) if root and run_dir != root else run_dir.name
     row: Row = {
         "job": job,
         "model": OmegaConf.select(cfg, "model.backbone"),
-        "act": OmegaConf.select(cfg, "act.name"),
-        "gamma": OmegaConf.select(cfg, "gamma"),
+        "act": activation_label(name, options),
+        "gamma": OmegaConf.select(cfg, "gamma") if uses_gamma(name, options) else None,
         "data": OmegaConf.select(cfg, "data.name"),
         "seed": OmegaConf.select(cfg, "seed"),
         "output_dir": str(run_dir.resolve()),
     }
-    if row["act"] == "relu":
-        row["gamma"] = None  # ReLU has no gamma: a baseline
     metrics_file, error_file = run_dir / "metrics.json", run_dir / ERROR_FILE
     if metrics_file.is_file():
         metrics = _read_json(metrics_file)

@@ -24,7 +24,7 @@ from kwta_lightning.attacks.base import Attack, AttackOutput, check_choice
 from kwta_lightning.attacks.checkpoint import build_model, load_checkpoint
 from kwta_lightning.attacks.library import FoolboxAttack
 from kwta_lightning.attacks.pgd import PGD, per_sample_loss
-from kwta_lightning.core.activations import KWTAChannel, kwta_layers, num_winners
+from kwta_lightning.core.activations import kwta_layers
 from kwta_lightning.errors import ConfigError
 
 SURROGATES = ("relu", "soft_kwta")
@@ -107,14 +107,14 @@ class BPDALayer(nn.Module):
         return smooth + (hard - smooth).detach()
 
     def _soft_kwta(self, x: torch.Tensor) -> torch.Tensor:
-        """x * sigmoid((x - threshold) / (temperature * spread)), threshold and spread detached."""
-        per_channel = isinstance(self.kwta, KWTAChannel) and x.dim() >= 3
-        groups = x.flatten(2) if per_channel else x.flatten(1)
-        k = num_winners(self.kwta.gamma, groups.shape[-1])
+        """x * sigmoid((score - threshold) / (temperature * spread)), threshold and spread
+        detached, in each group the layer picks its winners in (``ranking``): the score is what
+        it ranks, x itself, or for Numenta's k-WTA x boosted, in its local groups when so."""
+        groups, ungroup = self.kwta.ranking(x)
+        k = self.kwta.winners(groups.shape[-1])
         threshold = groups.topk(k, dim=-1).values.amin(-1, keepdim=True).detach()
         spread = groups.std(-1, keepdim=True).clamp_min(1e-6).detach()
-        mask = torch.sigmoid((groups - threshold) / (self.temperature * spread))
-        return (groups * mask).view_as(x)
+        return x * ungroup(torch.sigmoid((groups - threshold) / (self.temperature * spread)))
 
 
 class BPDA(Attack):

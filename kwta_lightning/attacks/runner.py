@@ -28,6 +28,7 @@ from kwta_lightning.attacks.diagnostics import (
 )
 from kwta_lightning.attacks.evaluate import Evaluator, ProgressLog, result_rows
 from kwta_lightning.attacks.store import ResultCache, file_sha256, result_key
+from kwta_lightning.core.activations import activation_label, uses_gamma
 from kwta_lightning.errors import ConfigError
 from kwta_lightning.run.console import duration, print_config_tree, quiet_libraries
 
@@ -174,14 +175,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log_estimate(attacks, epsilons, cached, diagnostic_passes, len(x), evaluator.seconds_per_pass())
     evaluation = evaluator.evaluation
     hparams = ckpt["hyper_parameters"]
+    options = hparams.get("activation_options")
     summary = {
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
         "checkpoint_sha256": sha,
         "training_run": report.training_run(cfg.ckpt_path),
         "data": data_name,
         "model": hparams["backbone"],
-        "activation": hparams["activation"],
-        "gamma": None if hparams["activation"] == "relu" else hparams["gamma"],
+        "activation": activation_label(hparams["activation"], options),
+        "gamma": hparams["gamma"] if uses_gamma(hparams["activation"], options) else None,
         "n_samples": len(x),
         "seed": cfg.seed,
         "device": str(device),

@@ -44,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from kwta_lightning.core.activations import make_activation
 from kwta_lightning.core.paper_models import PAPER_MODELS
+from kwta_lightning.core.robust_models import ROBUST_MODELS
 from kwta_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -106,9 +107,13 @@ def _numbered_to_named(module: nn.Sequential, state_dict: dict, prefix: str, *_:
             state_dict[f"{prefix}{name}.{key[len(numbered) :]}"] = state_dict.pop(key)
 
 
-CUSTOM_BACKBONES: dict[str, Callable[..., nn.Module]] = {"cnn": SmallCNN, **PAPER_MODELS}
+CUSTOM_BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "cnn": SmallCNN,
+    **PAPER_MODELS,
+    **ROBUST_MODELS,
+}
 # What build_network gives a custom backbone (those its constructor names); the rest are options.
-BUILT_IN = ("in_channels", "num_classes", "image_size", "activation", "gamma")
+BUILT_IN = ("in_channels", "num_classes", "image_size", "activation", "gamma", "activation_options")
 
 
 def options_of(name: str) -> dict[str, Any]:
@@ -373,7 +378,8 @@ def build_backbone(
     """The named backbone, adapted to the class count, channel count and image size.
 
     ``options`` (``model.backbone_options``) go to a custom backbone's constructor; ``context``
-    (image_size, activation, gamma) goes to a custom backbone whose constructor names it.
+    (image_size, activation, gamma, activation_options) goes to a custom backbone whose
+    constructor names it.
     """
     if options is not None and not isinstance(options, Mapping):
         raise ModelRefused(f"model.backbone_options={options}: must be a mapping of option: value")
@@ -414,18 +420,21 @@ def build_network(
     small_input: bool = True,
     pretrained: bool = False,
     backbone_options: Mapping[str, Any] | None = None,
+    activation_options: Mapping[str, Any] | None = None,
 ) -> nn.Sequential:
     """Normalisation, then the backbone with ``activation`` in place of every ReLU.
 
     ``activation="relu"`` keeps the backbone exactly as torchvision defines it.
-    ``backbone_options`` are a custom backbone's options (``{"depth": 10}`` for ``wrn22``).
+    ``backbone_options`` are a custom backbone's options (``{"depth": 10}`` for ``wrn22``),
+    ``activation_options`` the activation's (``{"k": 50}`` for ``kwta_fixed``).
     """
     if {len(mean), len(std)} - {1, in_channels}:
         raise ConfigError(
             f"mean and std need {in_channels} values each (or one for every channel), "
             f"got {mean} and {std}"
         )
-    make_activation(activation, gamma)  # fail on a bad name or gamma before building anything
+    new_activation = partial(make_activation, activation, gamma, options=activation_options)
+    new_activation()  # fail on a bad name, gamma or option before building anything
     net = build_backbone(
         backbone,
         num_classes,
@@ -436,20 +445,19 @@ def build_network(
         image_size=image_size,
         activation=activation,
         gamma=gamma,
+        activation_options=activation_options,
     )
     if activation != "relu" and builds_own_activation(backbone):
         log.info("%s: built with %s in its own places (no ReLU swap)", backbone, activation)
     elif activation != "relu":
         example = torch.rand(1, in_channels, image_size, image_size)
-        new_activation = partial(make_activation, activation, gamma)
         net, report = swap_relus(net, new_activation, example, backbone)
         log.info(
-            "%s: swapped %d ReLU sites (%d modules, %d functional calls) for %s(gamma=%s)",
+            "%s: swapped %d ReLU sites (%d modules, %d functional calls) for %s",
             backbone,
             report.sites,
             report.modules,
             report.functional,
-            activation,
-            gamma,
+            new_activation(),
         )
     return nn.Sequential(Normalize(mean, std), net)

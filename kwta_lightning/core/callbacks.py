@@ -6,6 +6,7 @@
 * :class:`ReluToKWTA`: train with ReLU for ``relu_epochs``, then swap every ReLU for k-WTA and go on
   (the reproduction's workflow), optionally re-estimating BatchNorm statistics after the swap.
 * :class:`TestEveryEpoch`: test accuracy before training and after each epoch, to a JSON file.
+* :class:`BoostStrengthDecay`: the boost strength of Numenta's k-WTA layers decays each epoch.
 
 When a callback changes the network (activation or gamma), the checkpoint callbacks forget their
 best score: ``best.ckpt`` is then the best epoch of the network the run ends with, not an earlier
@@ -26,9 +27,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
-from kwta_lightning.core.activations import check_gamma, kwta_layers
+from kwta_lightning.core.activations import check_gamma, ratio_layers
 from kwta_lightning.core.backbones import RELU_MODULES
 from kwta_lightning.core.gamma_schedules import GammaSchedule
+from kwta_lightning.core.kwinners import KWinners
 from kwta_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -108,7 +110,7 @@ class SparsityAnnealing(Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         gamma = round(self.schedule(trainer.current_epoch), 6)
-        layers = kwta_layers(pl_module)
+        layers = ratio_layers(pl_module)
         if not layers or all(layer.gamma == gamma for layer in layers.values()):
             return
         pl_module.set_gamma(gamma)
@@ -116,7 +118,7 @@ class SparsityAnnealing(Callback):
         log.info("epoch %d: gamma %s", trainer.current_epoch, gamma)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        layers = kwta_layers(pl_module)
+        layers = ratio_layers(pl_module)
         if self.checkpoint_dir is None or not layers:
             return
         gamma = next(iter(layers.values())).gamma
@@ -250,3 +252,14 @@ class TestEveryEpoch(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._measure(trainer, pl_module, trainer.current_epoch + 1)
         pl_module.log("test/acc_per_epoch", self.results[-1]["test_acc"])
+
+
+class BoostStrengthDecay(Callback):
+    """Set the boost strength of every Numenta k-WTA layer (``act=kwinners``) to
+    ``boost_strength * boost_strength_factor ** epoch`` at the start of each epoch: nupic's
+    ``update_boost_strength()`` after each epoch. Nothing to do on a model without them."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for layer in pl_module.modules():
+            if isinstance(layer, KWinners):
+                layer.set_boost_epoch(trainer.current_epoch)

@@ -15,7 +15,13 @@ from hydra.utils import instantiate
 from torchmetrics import MaxMetric, MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from kwta_lightning.core.activations import check_gamma, kwta_layers, make_activation, set_gamma
+from kwta_lightning.core.activations import (
+    check_gamma,
+    kwta_layers,
+    make_activation,
+    ratio_layers,
+    set_gamma,
+)
 from kwta_lightning.core.backbones import build_network, swap_relus
 from kwta_lightning.errors import ConfigError
 
@@ -157,6 +163,7 @@ class KWTAClassifier(L.LightningModule):
         compile: bool = False,
         adv_train: Mapping[str, Any] | None = None,
         backbone_options: Mapping[str, Any] | None = None,
+        activation_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -173,6 +180,7 @@ class KWTAClassifier(L.LightningModule):
             small_input,
             pretrained,
             backbone_options,
+            activation_options,
         )
         if compile:
             self.net.compile()
@@ -295,7 +303,7 @@ class KWTAClassifier(L.LightningModule):
         # to the device again, the largest per-step cost Lightning added to a training step.
         # gamma of the epoch: logged at its end, which a run resumed mid-epoch reaches too (the
         # learning rate is LearningRateMonitor's, in conf/callbacks/default.yaml)
-        layers = kwta_layers(self.net)
+        layers = ratio_layers(self.net)
         if layers:
             self.log("gamma", next(iter(layers.values())).gamma)
         self.log("train/loss_epoch", self.train_loss)
@@ -404,7 +412,7 @@ class KWTAClassifier(L.LightningModule):
         saved = checkpoint.get("hyper_parameters", {})
         changed = {
             key: saved[key]
-            for key in ("activation", "gamma", "backbone_options")
+            for key in ("activation", "gamma", "backbone_options", "activation_options")
             if key in saved and saved[key] != self.hparams[key]
         }
         if not changed:
@@ -423,6 +431,7 @@ class KWTAClassifier(L.LightningModule):
             hp.small_input,
             pretrained=False,  # the checkpoint's weights replace them
             backbone_options=hp.get("backbone_options"),
+            activation_options=hp.get("activation_options"),
         ).to(self.device)
         if hp.compile:
             self.net.compile()

@@ -11,12 +11,13 @@
   connected k-WTA layers (the paper's ``sp1`` and ``sp2``).
 
 A constructor's arguments other than ``in_channels``, ``num_classes``, ``image_size``,
-``activation`` and ``gamma`` (which ``build_network`` gives) are the model config's
-``model.backbone_options`` (``model.backbone_options.depth=10``); their error messages name them so.
+``activation``, ``gamma`` and ``activation_options`` (which ``build_network`` gives) are the model
+config's ``model.backbone_options`` (``model.backbone_options.depth=10``); their error messages
+name them so.
 """
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -27,10 +28,35 @@ from kwta_lightning.errors import ConfigError
 OPTION = "model.backbone_options"  # where a config sets a custom backbone's options
 
 
-def _count(key: str, value: Any, low: int) -> int:
+def check_count(key: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{OPTION}.{key}={value}: must be an integer >= {low}")
     return value
+
+
+def wrn_blocks(depth: Any, widen_factor: Any, dropout: Any) -> int:
+    """Check a WideResNet's options; return its blocks a group, (depth - 4) / 6."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or depth % 6 != 4:
+        raise ConfigError(
+            f"{OPTION}.depth={depth}: must be 6n+4, n >= 1 blocks a group (10, 16, 22, 28, ...)"
+        )
+    check_count("widen_factor", widen_factor, 1)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(f"{OPTION}.dropout={dropout}: must be a number in [0, 1)")
+    return (depth - 4) // 6
+
+
+def init_wide_resnet(model: nn.Module) -> None:
+    """The WRN code's initialisation: He-normal convolutions (fan-out), BN weight 1 and bias 0,
+    zero classifier bias."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
 
 
 def _ratio(key: str, value: Any) -> float:
@@ -82,16 +108,7 @@ class WideResNet(nn.Sequential):
         widen_factor: int = 10,
         dropout: float = 0.0,
     ) -> None:
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or depth % 6 != 4:
-            raise ConfigError(
-                f"{OPTION}.depth={depth}: must be 6n+4, n >= 1 blocks a group (10, 16, 22, 28, ...)"
-            )
-        _count("widen_factor", widen_factor, 1)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-            raise ConfigError(f"{OPTION}.dropout={dropout}: must be a number in [0, 1)")
-        if not 0 <= dropout < 1:
-            raise ConfigError(f"{OPTION}.dropout={dropout}: must be a number in [0, 1)")
-        blocks = (depth - 4) // 6
+        blocks = wrn_blocks(depth, widen_factor, dropout)
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         layers: OrderedDict[str, nn.Module] = OrderedDict(
             conv1=nn.Conv2d(in_channels, widths[0], 3, 1, padding=1, bias=False)
@@ -116,14 +133,7 @@ class WideResNet(nn.Sequential):
             fc=nn.Linear(widths[3], num_classes),
         )
         super().__init__(layers)
-        for m in self.modules():  # the WRN code's initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_wide_resnet(self)
 
 
 def _conv_output_size(size: int) -> int:
@@ -150,6 +160,7 @@ class PaperMnistCNN(nn.Sequential):
         image_size: int = 28,
         activation: str = "kwta",
         gamma: float = 0.1,
+        activation_options: Mapping[str, Any] | None = None,
         channels: Sequence[int] = (32, 32, 64, 64),
         hidden: int = 20000,
         gamma_conv: float | None = None,
@@ -158,8 +169,8 @@ class PaperMnistCNN(nn.Sequential):
         if not isinstance(channels, Sequence) or len(channels) != 4:
             raise ConfigError(f"{OPTION}.channels={channels}: must be a list of 4 channel counts")
         for c in channels:
-            _count("channels", c, 1)
-        _count("hidden", hidden, 1)
+            check_count("channels", c, 1)
+        check_count("hidden", hidden, 1)
         gamma_conv = _ratio("gamma_conv", gamma if gamma_conv is None else gamma_conv)
         gamma_fc = _ratio("gamma_fc", gamma if gamma_fc is None else gamma_fc)
         size = _conv_output_size(_conv_output_size(image_size))
@@ -167,11 +178,11 @@ class PaperMnistCNN(nn.Sequential):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         for i, stride in enumerate((1, 2, 1, 2), start=1):
             layers[f"conv{i}"] = nn.Conv2d(widths[i - 1], widths[i], 3, stride, padding=1)
-            layers[f"act{i}"] = make_activation(activation, gamma_conv, inplace=True)
+            layers[f"act{i}"] = make_activation(activation, gamma_conv, True, activation_options)
         layers.update(
             flatten=nn.Flatten(),
             fc1=nn.Linear(channels[3] * size * size, hidden),
-            act5=make_activation(activation, gamma_fc, inplace=True),
+            act5=make_activation(activation, gamma_fc, True, activation_options),
             fc2=nn.Linear(hidden, num_classes),
         )
         super().__init__(layers)
@@ -193,17 +204,18 @@ class PaperMnistDNN(nn.Sequential):
         image_size: int = 28,
         activation: str = "kwta",
         gamma: float = 0.1,
+        activation_options: Mapping[str, Any] | None = None,
         hidden: int = 10000,
         hidden_layers: int = 2,
     ) -> None:
-        _count("hidden", hidden, 1)
-        _count("hidden_layers", hidden_layers, 1)
+        check_count("hidden", hidden, 1)
+        check_count("hidden_layers", hidden_layers, 1)
         gamma = check_gamma(gamma)
         layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
         features = in_channels * image_size * image_size
         for i in range(1, hidden_layers + 1):
             layers[f"fc{i}"] = nn.Linear(features, hidden)
-            layers[f"act{i}"] = make_activation(activation, gamma, inplace=True)
+            layers[f"act{i}"] = make_activation(activation, gamma, True, activation_options)
             features = hidden
         layers[f"fc{hidden_layers + 1}"] = nn.Linear(features, num_classes)
         super().__init__(layers)

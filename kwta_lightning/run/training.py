@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from kwta_lightning.core.activations import activation_label, uses_gamma
 from kwta_lightning.errors import ConfigError, KWTAError
 from kwta_lightning.run.checkpoints import (
     RESUME_KEYS,
@@ -386,8 +387,8 @@ def _fit_metrics(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule) 
         "val_acc_best": None if best is None else float(best),
         "epochs": trainer.current_epoch,
         "model": cfg.model.backbone,
-        "act": cfg.act.name,
-        "gamma": None if cfg.act.name == "relu" else cfg.gamma,
+        "act": activation_label(cfg.act.name, cfg.act.get("options")),
+        "gamma": cfg.gamma if uses_gamma(cfg.act.name, cfg.act.get("options")) else None,
         "data": cfg.data.name,
         "seed": cfg.seed,
         "ckpt_best": checkpoint.best_model_path or None,

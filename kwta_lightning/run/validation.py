@@ -19,25 +19,36 @@ Rule = tuple[Callable[[Any], bool], str]
 
 
 def _required(key: str) -> None:
-    """``key: ${required:key}``: a recipe's value the user must give. OmegaConf's own ``???``
+    """``key: ${required:key}``: a value the user must give. OmegaConf's own ``???``
     cannot say so in a recipe: merged onto a default (``init_from: null``) it loses to it."""
-    raise ConfigError(f"{key} is required by this recipe: give it on the command line ({key}=...)")
+    raise ConfigError(f"{key} is required: give it on the command line ({key}=...)")
 
 
 KWTA_IMPLS = {"kernel": "", "torch": "_torch", "topk": "_topk"}  # -> names in core.activations
 
 
-def _kwta_activation(per_channel: Any, impl: Any) -> str:
-    """``act.name`` of ``conf/act/kwta.yaml``: the registered k-WTA layer of its two fields."""
+def _channel(per_channel: Any) -> str:
     if not isinstance(per_channel, bool):
         raise ConfigError(f"act.per_channel={per_channel}: must be true or false")
+    return "_channel" if per_channel else ""
+
+
+def _kwta_activation(per_channel: Any, impl: Any) -> str:
+    """``act.name`` of ``conf/act/kwta.yaml``: the registered k-WTA layer of its two fields."""
+    channel = _channel(per_channel)
     if impl not in KWTA_IMPLS:
         raise ConfigError(f"act.impl={impl}: must be one of {', '.join(KWTA_IMPLS)}")
-    return "kwta" + ("_channel" if per_channel else "") + KWTA_IMPLS[impl]
+    return "kwta" + channel + KWTA_IMPLS[impl]
+
+
+def _kwta_fixed_activation(per_channel: Any) -> str:
+    """``act.name`` of ``conf/act/kwta_fixed.yaml``."""
+    return "kwta" + _channel(per_channel) + "_fixed"
 
 
 OmegaConf.register_new_resolver("required", _required, replace=True)
 OmegaConf.register_new_resolver("kwta_activation", _kwta_activation, replace=True)
+OmegaConf.register_new_resolver("kwta_fixed_activation", _kwta_fixed_activation, replace=True)
 
 
 def _number(v: Any) -> bool:
@@ -90,6 +101,13 @@ ADV_TRAIN_METHODS = ("pgd", "trades", "free")
 
 RULES: dict[str, Rule] = {
     "seed": INTEGER,
+    "act.options.k": count(1),
+    "act.options.k_inference_factor": number(1.0),
+    "act.options.boost_strength": number(0.0),
+    "act.options.boost_strength_factor": number(0.0, 1.0, open_low=True),
+    "act.options.duty_cycle_period": count(1),
+    "act.options.local": BOOLEAN,
+    "act.options.break_ties": BOOLEAN,
     "gamma": number(0.0, 1.0, open_low=True),
     "gamma_start": number(0.0, 1.0, open_low=True),
     "gamma_end": number(0.0, 1.0, open_low=True),
