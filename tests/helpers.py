@@ -106,3 +106,12 @@ class SignalDuringValidation(Callback):
         if fire and not trainer.sanity_checking:
             self.done.touch()
             os.kill(os.getpid(), self.signum)
+
+
+def train_tiny_cnn(out: Path) -> Path:
+    """Train a k-WTA CNN for a few batches of fake data into ``out``; return its best.ckpt."""
+    from kwta_lightning.run.training import train
+
+    overrides = ["data=fake", "data.image_size=16", "data.batch_size=16", "trainer=cpu"]
+    train(compose_train(out, [*overrides, "logger=csv", "model=cnn", "act=kwta", "debug=limit"]))
+    return out / "checkpoints" / "best.ckpt"

@@ -14,8 +14,7 @@ import torch
 from kwta_lightning.attacks.checkpoint import CheckpointError, load_checkpoint
 from kwta_lightning.attacks.runner import radii
 from kwta_lightning.errors import ConfigError
-from kwta_lightning.run.training import train
-from tests.helpers import command, compose_train, run_cli
+from tests.helpers import command, run_cli, train_tiny_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,10 +24,7 @@ SCHEMA_RESULT = {"attack", "norm", "eps", "robust_acc", "success_rate", "params"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """best.ckpt of a short k-WTA CNN run on fake data."""
-    out = tmp_path_factory.mktemp("train")
-    overrides = ["data=fake", "data.image_size=16", "data.batch_size=16", "trainer=cpu"]
-    train(compose_train(out, [*overrides, "logger=csv", "model=cnn", "act=kwta", "debug=limit"]))
-    return out / "checkpoints" / "best.ckpt"
+    return train_tiny_cnn(tmp_path_factory.mktemp("train"))
 
 
 def test_the_default_radii_are_the_threat_model_saved_with_the_checkpoint(checkpoint):

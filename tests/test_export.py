@@ -23,8 +23,7 @@ from kwta_lightning.attacks.runner import run as run_attack
 from kwta_lightning.core.backbones import build_network
 from kwta_lightning.core.module import KWTAClassifier
 from kwta_lightning.errors import KWTAError
-from kwta_lightning.run.training import train
-from tests.helpers import ROOT, cli_env, compose_config, compose_train, run_cli
+from tests.helpers import ROOT, cli_env, compose_config, run_cli, train_tiny_cnn
 
 BUILD_ARGUMENTS = set(inspect.signature(build_network).parameters) - {"pretrained"}
 
@@ -36,10 +35,7 @@ def inputs(channels: int = 3) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """best.ckpt of a short k-WTA CNN run on fake data."""
-    out = tmp_path_factory.mktemp("train")
-    overrides = ["data=fake", "data.image_size=16", "data.batch_size=16", "trainer=cpu"]
-    train(compose_train(out, [*overrides, "logger=csv", "model=cnn", "act=kwta", "debug=limit"]))
-    return out / "checkpoints" / "best.ckpt"
+    return train_tiny_cnn(tmp_path_factory.mktemp("train"))
 
 
 @pytest.fixture(scope="module")
