@@ -6,6 +6,7 @@ import torch
 from kwta_lightning.core.activations import (
     KWTA,
     KWTAChannel,
+    activation_label,
     kwta_layers,
     make_activation,
     num_winners,
@@ -175,3 +176,11 @@ def test_gamma_leaves_fixed_k_layers_alone():
     model = torch.nn.Sequential(make_activation("kwta_fixed", options={"k": 2}), KWTA(0.3))
     assert len(kwta_layers(model)) == 2
     assert set_gamma(model, 0.5) == 1 and model[0].k == 2 and model[1].gamma == 0.5
+
+
+def test_results_name_an_activation_by_the_options_that_differ_from_its_defaults():
+    assert activation_label("kwta") == "kwta"
+    assert activation_label("kwta_fixed", {"k": 50}) == "kwta_fixed(k=50)"
+    assert activation_label("kwinners", {"boost_strength": 1.0, "local": True}) == (
+        "kwinners(local=True)"
+    )

@@ -271,8 +271,15 @@ def make_activation(
 
 
 def activation_label(name: str, options: Mapping[str, Any] | None = None) -> str:
-    """The activation as results name it: ``kwta``, or with its options ``kwta_fixed(k=50)``."""
-    return f"{name}({', '.join(f'{k}={v}' for k, v in options.items())})" if options else name
+    """The activation as results name it: ``kwta``, or with the options that differ from their
+    defaults ``kwta_fixed(k=50)``, ``kwinners(local=True)``."""
+    parameters = inspect.signature(ACTIVATIONS[name]).parameters if name in ACTIVATIONS else {}
+    given = {
+        key: value
+        for key, value in (options or {}).items()
+        if key not in parameters or parameters[key].default != value
+    }
+    return f"{name}({', '.join(f'{k}={v}' for k, v in given.items())})" if given else name
 
 
 def uses_gamma(name: str, options: Mapping[str, Any] | None = None) -> bool:
