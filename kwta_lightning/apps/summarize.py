@@ -211,7 +211,7 @@ def figure(rows: list[Row], robust: list[str]) -> Figure:
     panels = ["clean", *robust]
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(5 * ncols, 3.8 * nrows))
+    fig = Figure(figsize=(5 * ncols, 3.8 * nrows), layout="constrained")  # room for the title
     axes = fig.subplots(nrows, ncols, squeeze=False)
     lines = sorted({(r["model"], r["act"]) for r in done if r["act"] != "relu"})
     models = sorted({r["model"] for r in done})
@@ -241,7 +241,6 @@ def figure(rows: list[Row], robust: list[str]) -> Figure:
         ax.set_visible(False)
     data = sorted({str(r["data"]) for r in done})
     fig.suptitle(f"accuracy against gamma ({', '.join(data)}, {len(done)} runs)")
-    fig.tight_layout()
     return fig
 
 
