@@ -50,7 +50,7 @@ BAD_VALUES = [
     ("train.py", "adv_train.epss=0.1", "adv_train.epss is not a key of the config (did you mean"),
     ("train.py", "trainer.limit_train_batches=2", "trainer.limit_train_batches is not a key of"),
     ("train.py", "model=resnet19", "unknown model resnet19; known: alexnet, classifier, cnn"),
-    ("train.py", "act=gelu", "unknown act gelu; known: kwta, relu"),
+    ("train.py", "act=gelu", "unknown act gelu; known: kwinners, kwta, kwta_fixed, relu"),
     ("train.py", "act.impl=fast", "act.impl=fast: must be one of kernel, torch, topk"),
     ("train.py", "act.per_channel=maybe", "act.per_channel=maybe: must be true or false"),
     ("train.py", "logger=foo", "unknown logger foo; known: csv, many_loggers, none"),

@@ -26,10 +26,12 @@ def test_every_experiment_is_tested():
         "paper_cifar_resnet18",
         "paper_free_adv_train",
         "paper_incremental",
+        "paper_mnist_study",
         "paper_sweep_cifar10",
         "paper_sweep_svhn",
         "paper_sweep_wrn22",
         "paper_trades",
+        "repro_finetune",
         "repro_warmstart",
     ]
 
@@ -49,6 +51,20 @@ def test_the_paper_sweeps_sweep_its_gammas_with_its_recipe(name, data, models, g
     assert cfg.hydra.sweeper.params.get("model") == models
     assert cfg.hydra.sweeper.params.gamma == gammas and cfg.data.name == data
     assert (cfg.optimizer.lr, cfg.trainer.max_epochs, cfg.data.batch_size) == (0.1, 80, 256)
+
+
+@pytest.mark.parametrize(
+    ("point", "act", "gamma"), [("relu", "relu", None), ("kwta_0.07", "kwta", 0.07)]
+)
+def test_the_mnist_study_sweeps_relu_once_and_each_sparsity_ratio(tmp_path, point, act, gamma):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=paper_mnist_study"], return_hydra_config=True)
+    points = cfg.hydra.sweeper.params["+sparsity"].split(",")
+    assert points == ["relu", *(f"kwta_{g}" for g in ("0.3", "0.2", "0.1", "0.07", "0.03", "0.01"))]
+    run = compose_train(tmp_path, ["experiment=paper_mnist_study", f"+sparsity={point}"])
+    assert (run.act.name, run.model.backbone, run.data.name) == (act, "paper_mnist_cnn", "mnist")
+    assert gamma is None or run.gamma == gamma
 
 
 def test_paper_recipe_values(tmp_path):

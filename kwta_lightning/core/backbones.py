@@ -1,5 +1,5 @@
-"""Backbones: any torchvision classifier, a small CNN or the k-WTA paper's models
-(``paper_models.py``), adapted to the data, ReLUs swapped.
+"""Backbones: any torchvision or timm classifier, a small CNN or the k-WTA paper's models
+(``paper_models.py``), adapted to the data, activations swapped.
 
 The network a LightningModule trains is ``Sequential(normalize, backbone)``: normalisation by the
 data set's mean and std is the first layer, so every model takes pixels in [0, 1].
@@ -13,10 +13,15 @@ Adaptations, in order:
   (3x3 stride-1 first convolution, no max-pool); every other model gets its first convolution's
   stride set to 1 and a max-pool that directly follows the stem (before the second convolution)
   removed. Both keep 4x more resolution through the network than the ImageNet stem.
-* the activation swap: every ``nn.ReLU``/``nn.ReLU6`` module, shared ones included, becomes the
-  configured activation; a ReLU called as a function in ``forward`` is rewritten with torch.fx
-  into a module call. A model whose functional ReLU cannot be traced, or that has no ReLU at all, is
-  refused with the reason.
+* the activation swap: every module of the kinds ``model.swap`` lists (``SWAP_KINDS``; the default
+  ``[relu]``: ``nn.ReLU``/``nn.ReLU6``), shared ones included, becomes the configured activation;
+  a call of one of their functions in ``forward`` is rewritten with torch.fx into a module call.
+  A model whose functional call cannot be traced, or that has none of those activations, is
+  refused with the reason. Sigmoid and Hardsigmoid are never a kind: they are the gates of
+  squeeze-excitation blocks (their output scales the channels), not activation sites.
+
+A timm classifier is named ``timm/<timm name>`` (``timm_backbones.py``): timm builds it, with the
+configured activation as its ``act_layer`` where it takes one, and the swap replaces what is left.
 
 A custom backbone (``CUSTOM_BACKBONES``) is built by its constructor with ``in_channels`` and
 ``num_classes``, whichever of ``image_size``, ``activation`` and ``gamma`` it names, and the
@@ -50,13 +55,68 @@ from kwta_lightning.errors import ConfigError
 log = logging.getLogger(__name__)
 
 RELU_MODULES = (nn.ReLU, nn.ReLU6)
-RELU_FUNCTIONS = {F.relu, F.relu_, F.relu6, torch.relu, torch.relu_, torch.Tensor.relu}
-RELU_FUNCTIONS.add(torch.Tensor.relu_)
-RELU_METHODS = {"relu", "relu_"}
+TIMM_PREFIX = "timm/"  # model.backbone=timm/resnet18: a timm classifier
 
 
 class ModelRefused(ConfigError):
-    """The backbone cannot be built as asked (unknown name, no ReLU to swap, untraceable...)."""
+    """The backbone cannot be built as asked (unknown name, nothing to swap, untraceable...)."""
+
+
+@dataclass(frozen=True)
+class ActivationKind:
+    """Activations the swap replaces: their module classes and their functional forms."""
+
+    label: str  # as the log and the refusals name them
+    modules: tuple[type[nn.Module], ...]
+    functions: frozenset[Callable] = frozenset()  # as torch function modes and torch.fx see them
+    methods: frozenset[str] = frozenset()  # Tensor methods (x.relu())
+
+
+SWAP_KINDS = {
+    "relu": ActivationKind(
+        "ReLU",
+        RELU_MODULES,
+        frozenset({F.relu, F.relu_, F.relu6, torch.relu, torch.relu_, torch.Tensor.relu})
+        | {torch.Tensor.relu_},
+        frozenset({"relu", "relu_"}),
+    ),
+    "gelu": ActivationKind("GELU", (nn.GELU,), frozenset({F.gelu})),
+    "silu": ActivationKind("SiLU", (nn.SiLU,), frozenset({F.silu})),
+    "hardswish": ActivationKind("Hardswish", (nn.Hardswish,), frozenset({F.hardswish})),
+    "mish": ActivationKind("Mish", (nn.Mish,), frozenset({F.mish})),
+    "elu": ActivationKind("ELU", (nn.ELU,), frozenset({F.elu, F.elu_})),
+    "leaky_relu": ActivationKind(
+        "LeakyReLU", (nn.LeakyReLU,), frozenset({F.leaky_relu, F.leaky_relu_})
+    ),
+}
+RELU = SWAP_KINDS["relu"]
+GATES = ("sigmoid", "hardsigmoid")
+
+
+def swap_targets(swap: Sequence[str], backbone: str = "") -> ActivationKind:
+    """The kinds ``model.swap`` names, as one; a timm ``backbone`` adds timm's own GELU classes.
+
+    A kind that is not one of ``SWAP_KINDS`` is refused with one line naming them.
+    """
+    known = ", ".join(SWAP_KINDS)
+    if isinstance(swap, str) or not isinstance(swap, Sequence) or not swap:
+        raise ModelRefused(f"model.swap={swap}: must be a list of activation kinds ({known})")
+    for kind in swap:
+        if kind not in SWAP_KINDS:
+            gate = " is a squeeze-excitation gate, never swapped" if kind in GATES else ""
+            raise ModelRefused(f"model.swap: unknown kind {kind!r}{gate}; known: {known}")
+    kinds = [SWAP_KINDS[kind] for kind in dict.fromkeys(swap)]
+    modules = tuple(m for kind in kinds for m in kind.modules)
+    if backbone.startswith(TIMM_PREFIX):
+        from kwta_lightning.core.timm_backbones import timm_activations
+
+        modules += tuple(m for kind in dict.fromkeys(swap) for m in timm_activations(kind))
+    return ActivationKind(
+        "/".join(kind.label for kind in kinds),
+        modules,
+        frozenset().union(*(kind.functions for kind in kinds)),
+        frozenset().union(*(kind.methods for kind in kinds)),
+    )
 
 
 class Normalize(nn.Module):
@@ -136,13 +196,18 @@ def torchvision_classifiers() -> list[str]:
 
 
 def _check_name(name: str) -> None:
+    if name.startswith(TIMM_PREFIX):
+        from kwta_lightning.core.timm_backbones import check_timm_name
+
+        return check_timm_name(name.removeprefix(TIMM_PREFIX))
     known = [*CUSTOM_BACKBONES, *torchvision_classifiers()]
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ModelRefused(
-            f"unknown model {name!r}{hint}: use one of {', '.join(CUSTOM_BACKBONES)} or a name "
-            "from torchvision.models.list_models(module=torchvision.models)"
+            f"unknown model {name!r}{hint}: use one of {', '.join(CUSTOM_BACKBONES)}, a name "
+            f"from torchvision.models.list_models(module=torchvision.models) or {TIMM_PREFIX}"
+            "<a name from timm.list_models()>"
         )
 
 
@@ -210,10 +275,14 @@ def _adapt_stem(model: nn.Module, in_channels: int, small_input: bool) -> None:
                 if conv.bias is not None:
                     new.bias.copy_(conv.bias)
         model.set_submodule(conv_name, new)
-        conv = new
     if small_input:
-        conv.stride = (1, 1)
-        _remove_stem_pool(model)
+        small_stem(model)
+
+
+def small_stem(model: nn.Module) -> None:
+    """The first convolution's stride set to 1, a max-pool right after the stem removed."""
+    _first(model, nn.Conv2d)[1].stride = (1, 1)
+    _remove_stem_pool(model)
 
 
 def _remove_stem_pool(model: nn.Module) -> None:
@@ -233,28 +302,33 @@ def _remove_stem_pool(model: nn.Module) -> None:
 class SwapReport:
     """Where the activation swap put the new activation."""
 
-    modules: int  # ReLU modules replaced (a shared module counts once)
-    functional: int  # ReLU function calls rewritten by torch.fx
+    modules: int  # modules replaced (a shared module counts once)
+    functional: int  # function calls rewritten by torch.fx
     sites: int  # places in the forward pass that now call the new activation
 
 
 class _CallCounter(TorchFunctionMode):
-    """Counts ReLU function calls made during a forward pass."""
+    """Counts calls of the given functions made during a forward pass."""
 
-    def __init__(self) -> None:
+    def __init__(self, functions: frozenset[Callable]) -> None:
         super().__init__()
-        self.relu_calls = 0
+        self.functions = functions
+        self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in RELU_FUNCTIONS:
-            self.relu_calls += 1
+        if func in self.functions:
+            self.calls += 1
         return func(*args, **(kwargs or {}))
 
 
 def count_calls(
-    model: nn.Module, example: torch.Tensor, kinds: tuple[type, ...]
+    model: nn.Module,
+    example: torch.Tensor,
+    kinds: tuple[type, ...],
+    targets: ActivationKind = RELU,
 ) -> tuple[int, int]:
-    """Run one eval forward; return (calls of modules of ``kinds``, ReLU function calls)."""
+    """Run one eval forward; return (calls of modules of ``kinds``, calls of ``targets``'
+    functions)."""
     module_calls = 0
 
     def count(*_):
@@ -265,13 +339,13 @@ def count_calls(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _CallCounter() as counter:
+        with torch.no_grad(), _CallCounter(targets.functions) as counter:
             model(example)
     finally:
         model.train(was_training)
         for hook in hooks:
             hook.remove()
-    return module_calls, counter.relu_calls
+    return module_calls, counter.calls
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -285,18 +359,21 @@ class _LeafTracer(torch.fx.Tracer):
         return isinstance(m, self.leaves) or super().is_leaf_module(m, qualified_name)
 
 
-def _rewrite_functional_relus(
-    model: nn.Module, new_activation: Callable[[bool], nn.Module], leaves: tuple[type, ...]
+def _rewrite_functional_calls(
+    model: nn.Module,
+    new_activation: Callable[[bool], nn.Module],
+    leaves: tuple[type, ...],
+    targets: ActivationKind,
 ) -> tuple[torch.fx.GraphModule, int]:
     tracer = _LeafTracer(leaves)
     graph = tracer.trace(model)
     graph_module = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     rewritten = 0
     for node in list(graph.nodes):
-        is_relu = (node.op == "call_function" and node.target in RELU_FUNCTIONS) or (
-            node.op == "call_method" and node.target in RELU_METHODS
+        is_target = (node.op == "call_function" and node.target in targets.functions) or (
+            node.op == "call_method" and node.target in targets.methods
         )
-        if not is_relu:
+        if not is_target:
             continue
         name = f"functional_act_{rewritten}"
         graph_module.add_submodule(name, new_activation(False))
@@ -310,55 +387,78 @@ def _rewrite_functional_relus(
     return graph_module, rewritten
 
 
-def swap_relus(
+def swap_activations(
     model: nn.Module,
     new_activation: Callable[[bool], nn.Module],
     example: torch.Tensor,
     model_name: str | None = None,
+    targets: ActivationKind = RELU,
 ) -> tuple[nn.Module, SwapReport]:
-    """Replace every ReLU of ``model`` with ``new_activation(inplace)``; return it and a report.
+    """Replace every activation of ``targets`` (``swap_targets``; default ReLU) in ``model`` with
+    ``new_activation(inplace)``; return it and a report.
 
     ``inplace`` is the replaced module's own flag (``nn.ReLU(inplace=True)`` may overwrite its
-    input, so its replacement may too); a ReLU called as a function gets False.
+    input, so its replacement may too; ``nn.GELU`` has none: False); a call of an activation
+    function gets False.
 
-    ``example`` is one input batch: a forward pass on it counts the call sites and finds ReLUs
-    called as functions, which only show up when the model runs.
+    ``example`` is one input batch: a forward pass on it counts the call sites and finds the
+    activations called as functions, which only show up when the model runs. Sites that already
+    hold the new activation (a timm model's ``act_layer``) count as sites.
     """
     replacements: dict[int, nn.Module] = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(module, RELU_MODULES):
-            new = replacements.setdefault(id(module), new_activation(module.inplace))
+        if isinstance(module, targets.modules):
+            inplace = getattr(module, "inplace", False)
+            new = replacements.setdefault(id(module), new_activation(inplace))
             model.set_submodule(name, new)
     kinds = tuple({type(m) for m in replacements.values()}) or (type(new_activation(False)),)
     model_name = model_name or type(model).__name__
     try:
-        sites, functional_calls = count_calls(model, example, kinds)
+        sites, functional_calls = count_calls(model, example, kinds, targets)
     except Exception as err:
-        no_relu = "" if replacements else f" has no ReLU module ({_activations(model)}) and"
+        found = any(isinstance(m, kinds) for m in model.modules())
+        none = "" if found else f" has no {targets.label} module ({_activations(model)}) and"
         raise ModelRefused(
-            f"{model_name}{no_relu} does not run on inputs of shape {tuple(example.shape)}: {err}"
+            f"{model_name}{none} does not run on inputs of shape {tuple(example.shape)}: {err}"
         ) from err
     functional = 0
     if functional_calls:
         try:
-            model, functional = _rewrite_functional_relus(model, new_activation, kinds)
+            model, functional = _rewrite_functional_calls(model, new_activation, kinds, targets)
         except Exception as err:
             raise ModelRefused(
-                f"{model_name} calls ReLU as a function in forward and torch.fx cannot trace it "
-                f"to swap the call ({type(err).__name__}: {err})"
+                f"{model_name} calls {targets.label} as a function in forward and torch.fx "
+                f"cannot trace it to swap the call ({type(err).__name__}: {err})"
             ) from err
-        sites, left = count_calls(model, example, kinds)
+        sites, left = count_calls(model, example, kinds, targets)
         if left:
-            raise ModelRefused(f"{model_name}: {left} functional ReLU calls could not be swapped")
+            raise ModelRefused(
+                f"{model_name}: {left} functional {targets.label} calls could not be swapped"
+            )
     if sites == 0:
-        raise ModelRefused(f"{model_name} has no ReLU to swap ({_activations(model)})")
+        raise ModelRefused(
+            f"{model_name} has no {targets.label} to swap ({_activations(model)}{_hint(model)})"
+        )
     return model, SwapReport(modules=len(replacements), functional=functional, sites=sites)
+
+
+swap_relus = swap_activations  # the name benchmarks/activation_overhead.py imports
 
 
 def _activations(model: nn.Module) -> str:
     found = {type(m).__name__ for m in model.modules()}
     found &= set(torch.nn.modules.activation.__all__) - {"MultiheadAttention"}
     return f"its activations: {', '.join(sorted(found)) or 'none'}"
+
+
+def _hint(model: nn.Module) -> str:
+    """Which ``model.swap`` would find the model's activations, if any kind would."""
+    kinds = [
+        name
+        for name, kind in SWAP_KINDS.items()
+        if any(isinstance(m, kind.modules) for m in model.modules())
+    ]
+    return f"; model.swap=[{','.join(kinds)}] swaps them" if kinds else ""
 
 
 def builds_own_activation(name: str) -> bool:
@@ -377,19 +477,40 @@ def build_backbone(
 ) -> nn.Module:
     """The named backbone, adapted to the class count, channel count and image size.
 
-    ``options`` (``model.backbone_options``) go to a custom backbone's constructor; ``context``
-    (image_size, activation, gamma, activation_options) goes to a custom backbone whose
-    constructor names it.
+    ``options`` (``model.backbone_options``) go to a custom backbone's constructor, or to
+    ``timm.create_model`` for a timm one; ``context`` (image_size, activation, gamma,
+    activation_options) goes to a custom backbone whose constructor names it, and a timm one's
+    ``act_layer`` is built from it.
     """
     if options is not None and not isinstance(options, Mapping):
         raise ModelRefused(f"model.backbone_options={options}: must be a mapping of option: value")
     options = dict(options or {})
     _check_name(name)
+    if name.startswith(TIMM_PREFIX):
+        from kwta_lightning.core.timm_backbones import build_timm
+
+        act_layer = None
+        if context.get("activation", "relu") != "relu":
+            act_layer = partial(
+                make_activation,
+                context["activation"],
+                context["gamma"],
+                options=context.get("activation_options"),
+            )
+        return build_timm(
+            name.removeprefix(TIMM_PREFIX),
+            num_classes,
+            in_channels,
+            small_input,
+            pretrained,
+            options,
+            act_layer,
+        )
     if name not in CUSTOM_BACKBONES:
         if options:
             raise ModelRefused(
                 f"model.backbone_options={options}: {name} is a torchvision model and takes no "
-                f"options (only {', '.join(CUSTOM_BACKBONES)} do)"
+                f"options (only {', '.join(CUSTOM_BACKBONES)} and {TIMM_PREFIX} models do)"
             )
     else:
         if pretrained:
@@ -421,12 +542,15 @@ def build_network(
     pretrained: bool = False,
     backbone_options: Mapping[str, Any] | None = None,
     activation_options: Mapping[str, Any] | None = None,
+    swap: Sequence[str] = ("relu",),
 ) -> nn.Sequential:
-    """Normalisation, then the backbone with ``activation`` in place of every ReLU.
+    """Normalisation, then the backbone with ``activation`` in place of every activation of the
+    kinds ``swap`` lists (``SWAP_KINDS``; the default: every ReLU).
 
-    ``activation="relu"`` keeps the backbone exactly as torchvision defines it.
-    ``backbone_options`` are a custom backbone's options (``{"depth": 10}`` for ``wrn22``),
-    ``activation_options`` the activation's (``{"k": 50}`` for ``kwta_fixed``).
+    ``activation="relu"`` keeps the backbone exactly as torchvision (or timm) defines it.
+    ``backbone_options`` are a custom backbone's options (``{"depth": 10}`` for ``wrn22``) or a
+    timm model's ``create_model`` arguments, ``activation_options`` the activation's
+    (``{"k": 50}`` for ``kwta_fixed``).
     """
     if {len(mean), len(std)} - {1, in_channels}:
         raise ConfigError(
@@ -435,6 +559,7 @@ def build_network(
         )
     new_activation = partial(make_activation, activation, gamma, options=activation_options)
     new_activation()  # fail on a bad name, gamma or option before building anything
+    targets = swap_targets(swap, backbone)
     net = build_backbone(
         backbone,
         num_classes,
@@ -448,14 +573,15 @@ def build_network(
         activation_options=activation_options,
     )
     if activation != "relu" and builds_own_activation(backbone):
-        log.info("%s: built with %s in its own places (no ReLU swap)", backbone, activation)
+        log.info("%s: built with %s in its own places (no swap)", backbone, activation)
     elif activation != "relu":
         example = torch.rand(1, in_channels, image_size, image_size)
-        net, report = swap_relus(net, new_activation, example, backbone)
+        net, report = swap_activations(net, new_activation, example, backbone, targets)
         log.info(
-            "%s: swapped %d ReLU sites (%d modules, %d functional calls) for %s",
+            "%s: swapped %d %s sites (%d modules, %d functional calls) for %s",
             backbone,
             report.sites,
+            targets.label,
             report.modules,
             report.functional,
             new_activation(),

@@ -22,7 +22,7 @@ from kwta_lightning.core.activations import (
     ratio_layers,
     set_gamma,
 )
-from kwta_lightning.core.backbones import build_network, swap_relus
+from kwta_lightning.core.backbones import build_network, swap_activations, swap_targets
 from kwta_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,8 @@ class KWTAClassifier(L.LightningModule):
     ``adv_train`` holds the fields of :class:`AdvTrain` (PGD, TRADES or free adversarial training
     when enabled). ``backbone_options`` are a custom backbone's options (``{"depth": 10}`` for
     ``wrn22``, the model config's ``model.backbone_options``); None, as in checkpoints written
-    before it existed, is none.
+    before it existed, is none. ``swap`` lists the activation kinds the activation replaces
+    (``model.swap``; ``("relu",)``, as in checkpoints written before it existed).
 
     The activation and gamma can change during training (:meth:`swap_to`, :meth:`set_gamma`, used
     by the callbacks); they update the saved hyper-parameters, so a checkpoint records the network
@@ -164,6 +165,7 @@ class KWTAClassifier(L.LightningModule):
         adv_train: Mapping[str, Any] | None = None,
         backbone_options: Mapping[str, Any] | None = None,
         activation_options: Mapping[str, Any] | None = None,
+        swap: Sequence[str] = ("relu",),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -181,6 +183,7 @@ class KWTAClassifier(L.LightningModule):
             pretrained,
             backbone_options,
             activation_options,
+            swap,
         )
         if compile:
             self.net.compile()
@@ -380,8 +383,12 @@ class KWTAClassifier(L.LightningModule):
         example = torch.rand(
             1, self.hparams.in_channels, self.hparams.image_size, self.hparams.image_size
         ).to(self.device)
-        self.net, report = swap_relus(
-            self.net, partial(make_activation, activation, gamma), example, self.hparams.backbone
+        self.net, report = swap_activations(
+            self.net,
+            partial(make_activation, activation, gamma),
+            example,
+            self.hparams.backbone,
+            swap_targets(self.hparams.swap, self.hparams.backbone),
         )
         self.hparams.activation, self.hparams.gamma = activation, check_gamma(gamma)
         log.info(
@@ -412,7 +419,7 @@ class KWTAClassifier(L.LightningModule):
         saved = checkpoint.get("hyper_parameters", {})
         changed = {
             key: saved[key]
-            for key in ("activation", "gamma", "backbone_options", "activation_options")
+            for key in ("activation", "gamma", "backbone_options", "activation_options", "swap")
             if key in saved and saved[key] != self.hparams[key]
         }
         if not changed:
@@ -432,6 +439,7 @@ class KWTAClassifier(L.LightningModule):
             pretrained=False,  # the checkpoint's weights replace them
             backbone_options=hp.get("backbone_options"),
             activation_options=hp.get("activation_options"),
+            swap=hp.swap,
         ).to(self.device)
         if hp.compile:
             self.net.compile()
