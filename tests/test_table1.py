@@ -55,3 +55,20 @@ def test_table1_refuses_a_stage_that_fails(tmp_path):
     assert done.stderr.strip().splitlines()[-1] == (
         "error: step 1/7: train relu failed; its log is in the folder named above"
     )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stages=3", "error: stages=3: must be a list of {name, act, gamma}"),
+        (
+            "stages=[{name:relu}]",
+            "error: stages[0]={'name': 'relu'}: must have name, act and gamma",
+        ),
+        ("train_overrides=x", "error: train_overrides=x: must be a list of overrides"),
+    ],
+)
+def test_table1_refuses_a_config_that_is_no_pipeline(tmp_path, override, message):
+    done = run_cli(override, f"hydra.run.dir={tmp_path}", script="kwta-table1")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [message]

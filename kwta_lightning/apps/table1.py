@@ -14,9 +14,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
-from kwta_lightning.errors import KWTAError
+from kwta_lightning.errors import ConfigError, KWTAError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,21 @@ def _run(step: str, argv: list[str]) -> None:
         raise KWTAError(f"{step} failed; its log is in the folder named above")
 
 
+def check(cfg: DictConfig) -> None:
+    """One line naming the key when the pipeline's config cannot describe a pipeline."""
+    stages = cfg.stages
+    if not isinstance(stages, ListConfig) or not stages:
+        raise ConfigError(f"stages={stages}: must be a list of {{name, act, gamma}}")
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, DictConfig) or not {"name", "act", "gamma"} <= set(stage):
+            raise ConfigError(f"stages[{i}]={stage}: must have name, act and gamma")
+    for key in ("train_overrides", "attack_overrides"):
+        if not isinstance(cfg[key], ListConfig):
+            raise ConfigError(f"{key}={cfg[key]}: must be a list of overrides")
+
+
 def run(cfg: DictConfig) -> None:
+    check(cfg)
     out = Path(cfg.paths.output_dir)
     n_steps = 2 * len(cfg.stages) + 1
     step, previous = 0, None
